@@ -1,0 +1,136 @@
+"""
+Every hyper-parameter in one dataclass, the named presets of the original study, and the
+command-line flags (one per field, same name) shared by train.py and run_all_experiments.py.
+"""
+import argparse
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass
+class Config:
+    # model
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    block_size: int = 128
+    dropout: float = 0.2
+    vocab_size: int = 0          # 0: taken from the data (65 for Tiny Shakespeare)
+    # data
+    dataset: str = 'shakespeare_char'  # shakespeare_char, or a path to any UTF-8 text file
+    # optimisation (AdamW)
+    batch_size: int = 32
+    max_iters: int = 200
+    learning_rate: float = 3e-4
+    lr_schedule: str = 'constant'  # constant | cosine
+    warmup_iters: int = 0          # cosine: linear warmup steps
+    lr_decay_iters: int = 0        # cosine: steps to reach min_lr (0: max_iters)
+    min_lr: float = 0.0            # cosine: floor of the schedule
+    weight_decay: float = 0.0      # decoupled, on matrices only (not biases, norms, embeddings)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 0.0         # clip the global gradient norm to this (0: off)
+    grad_accum_steps: int = 1      # micro-batches of batch_size per optimizer step
+    early_stop_patience: int = 0   # stop after this many evals without a better val loss (0: off)
+    # periodic loss estimates
+    eval_interval: int = 50
+    eval_iters: int = 50
+    # reproducibility evaluation set and seeds
+    n_eval: int = 1000             # fixed validation windows whose predictions are saved
+    eval_seed: int = 1234          # picks those windows; independent of the trial seed
+    seed_base: int = 42            # trial k uses seed seed_base + k
+
+    def validate(self):
+        """Raise ValueError naming the problem; called before anything is allocated."""
+        positive = ['n_layer', 'n_embd', 'n_head', 'block_size', 'batch_size', 'max_iters',
+                    'eval_interval', 'eval_iters', 'n_eval', 'grad_accum_steps']
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        nonneg = ['vocab_size', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay',
+                  'grad_clip', 'early_stop_patience']
+        for name in nonneg:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        return self
+
+    def to_dict(self):
+        return asdict(self)
+
+
+LR_SCHEDULES = ('constant', 'cosine')
+
+# Presets of the original study (cpu, gpu_lite, gpu; gpu_full lives in config_full_gpu.py),
+# plus cpu_reference: the CPU example of a well-known reference trainer (nanoGPT's
+# shakespeare_char on CPU), for quality parity.
+PRESETS = {
+    'cpu': dict(),
+    'gpu_lite': dict(batch_size=64, eval_iters=200),
+    'gpu': dict(n_embd=256, block_size=256, batch_size=64, max_iters=500, eval_interval=100,
+                eval_iters=200),
+    'cpu_reference': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
+                          max_iters=2000, eval_interval=250, eval_iters=20, dropout=0.0,
+                          learning_rate=1e-3, lr_schedule='cosine', warmup_iters=100,
+                          lr_decay_iters=2000, min_lr=1e-4, weight_decay=0.1, beta2=0.99,
+                          grad_clip=1.0),
+}
+
+
+def preset_names():
+    import config_full_gpu  # noqa: F401  (registers gpu_full)
+    return list(PRESETS)
+
+
+def get_config(name, **overrides):
+    """Config of preset `name` with `overrides` applied and validated."""
+    names = preset_names()
+    if name not in PRESETS:
+        raise ValueError(f"unknown config {name!r}; valid: {', '.join(names)}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(Config)})
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(unknown)}; valid: "
+                         f"{', '.join(f.name for f in fields(Config))}")
+    return replace(Config(), **{**PRESETS[name], **overrides}).validate()
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _bool(s):
+    if s.lower() in ('1', 'true', 'yes'):
+        return True
+    if s.lower() in ('0', 'false', 'no'):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line and list the valid flags for a typo."""
+
+    def error(self, message):
+        if message.startswith('unrecognized arguments'):
+            flags = sorted(o for a in self._actions for o in a.option_strings if o.startswith('--'))
+            message += f" (valid flags: {' '.join(flags)})"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_config_args(parser):
+    """--config PRESET plus one flag per Config field (--n_embd 64, --max_iters 10, ...)."""
+    parser.add_argument('--config', default='cpu', help="preset: " + ", ".join(preset_names()))
+    group = parser.add_argument_group('config overrides (default: the preset\'s value)')
+    for f in fields(Config):
+        kind = _bool if f.type is bool else f.type  # int('1e3') fails: a clear type error
+        group.add_argument(f'--{f.name}', type=kind, default=None, metavar=f.type.__name__.upper())
+
+
+def config_from_args(args):
+    overrides = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
+    return get_config(args.config, **overrides)
