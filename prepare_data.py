@@ -3,8 +3,10 @@ Data: the Tiny Shakespeare corpus (downloaded once, checked by sha256), any UTF-
 file, and the Task objects through which train.py sees a dataset.
 
 A Task gives the trainer everything that depends on the data:
-    n_classes, model_dims()            sizes the model needs (vocab_size, ...)
-    get_batch(split, batch_size, gen)  (x, y) CPU tensors, drawn with the given generator
+    n_classes, config_updates()        config fields the data fixes (vocab_size, ...)
+    train_batches(batch_size, gen)     iterator of training (x, y) CPU tensors
+    get_batch(split, batch_size, gen)  (x, y) for loss estimates; stateless, so estimating
+                                       a loss never disturbs the training stream
     eval_x, eval_y, eval_indices       the fixed reproducibility evaluation set
     eval_hash                          identifies those inputs; equal for every trial of a study
     kind                               'lm' (logits [B, T, V]) or 'classification' ([B, C])
@@ -167,8 +169,12 @@ class CharTask:
         chunk = data[idx]
         return chunk[:, :-1], chunk[:, 1:]
 
-    def model_dims(self):
+    def config_updates(self):
         return {'vocab_size': self.n_classes}
+
+    def train_batches(self, batch_size, generator):
+        while True:  # random windows: there are no epochs in character LM training
+            yield self.get_batch('train', batch_size, generator)
 
     def get_batch(self, split, batch_size, generator):
         data = self.corpus.train if split == 'train' else self.corpus.val

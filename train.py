@@ -288,7 +288,7 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
         torch.set_num_threads(threads)
 
     task = make_task(config, data_dir)
-    config = replace(config, **task.model_dims())
+    config = replace(config, **task.config_updates())
     identity = {'task': task.kind, 'model': model_name, 'activation': activation, 'trial': trial,
                 'vary': vary, 'seeds': seeds, 'config': config.to_dict()}
     state = existing_trial(json_path, identity)
@@ -301,7 +301,7 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
 
     set_determinism(deterministic, dev)
     torch.manual_seed(seeds['dropout'])  # the global RNG drives dropout (and router noise)
-    data_gen = torch.Generator().manual_seed(seeds['data'])
+    train_stream = task.train_batches(config.batch_size, torch.Generator().manual_seed(seeds['data']))
     model = build_model(model_name, activation, config, seed=seeds['init']).to(dev)
     n_params = count_parameters(model)
     optimizer = make_optimizer(model, config, dev)
@@ -344,7 +344,7 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
         lr = lr_at(it, config)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        batches = [tuple(t.to(dev, non_blocking=True) for t in task.get_batch('train', config.batch_size, data_gen))
+        batches = [tuple(t.to(dev, non_blocking=True) for t in next(train_stream))
                    for _ in range(config.grad_accum_steps)]
         # the gradient norm is logged at eval points: compute it on the step before one
         want_norm = (it + 1) % config.eval_interval == 0 or it + 1 == config.max_iters
