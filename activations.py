@@ -65,9 +65,7 @@ def smelu_beta(name):
     if m is None:
         return None
     beta = float(m.group(1))
-    if beta <= 0:
-        raise ValueError(f"activation {name!r}: SmeLU beta must be > 0")
-    return beta
+    return beta if beta > 0 else None  # smelu_0.0 is no SmeLU: an unknown name
 
 
 def is_gated(name):

@@ -113,7 +113,12 @@ def _bool(s):
 
 
 class Parser(argparse.ArgumentParser):
-    """ArgumentParser whose errors are one line and list the valid flags for a typo."""
+    """ArgumentParser whose errors are one line and list the valid flags for a typo.
+    Abbreviations are off: --max_iter must not silently mean --max_iters."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('allow_abbrev', False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         if message.startswith('unrecognized arguments'):
