@@ -190,8 +190,8 @@ def make_optimizer(model, config, device):
     no_decay = [p for p in params if p.dim() < 2 or id(p) in embeddings]
     groups = [{'params': decay, 'weight_decay': config.weight_decay},
               {'params': no_decay, 'weight_decay': 0.0}]
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2),
-                             fused=device.type == 'cuda')
+    # the fused kernel exists on CPU and CUDA; measured fastest on both
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=True)
 
 
 def train_step(model, optimizer, batches, config, amp, want_norm=False):
