@@ -14,6 +14,7 @@ class Config:
     n_head: int = 4
     block_size: int = 128
     dropout: float = 0.2
+    bias: bool = True            # biases in Linear, LayerNorm, LSTM and conv layers (GPT-2 has them)
     vocab_size: int = 0          # 0: taken from the data (65 for Tiny Shakespeare)
     # data
     dataset: str = 'shakespeare_char'  # shakespeare_char, or a path to any UTF-8 text file
@@ -81,7 +82,7 @@ PRESETS = {
                           max_iters=2000, eval_interval=250, eval_iters=20, dropout=0.0,
                           learning_rate=1e-3, lr_schedule='cosine', warmup_iters=100,
                           lr_decay_iters=2000, min_lr=1e-4, weight_decay=0.1, beta2=0.99,
-                          grad_clip=1.0),
+                          grad_clip=1.0, bias=False),
 }
 
 

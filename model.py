@@ -127,10 +127,10 @@ class CharLM(LanguageModel):
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
         self.wpe = nn.Embedding(c.block_size, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, activation, c.dropout, fused_qkv=False)
+        self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, activation, c.dropout, c.bias, fused_qkv=False)
                                     for _ in range(c.n_layer))
-        self.ln_f = nn.LayerNorm(c.n_embd)
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size)
+        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=c.bias)
 
     def forward(self, idx, targets=None):
         self.check_length(idx)
@@ -149,9 +149,9 @@ class MiniGPT(LanguageModel):
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
         self.wpe = nn.Embedding(c.block_size, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, activation, c.dropout)
+        self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, activation, c.dropout, c.bias)
                                     for _ in range(c.n_layer))
-        self.ln_f = nn.LayerNorm(c.n_embd)
+        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying
         self.apply(_gpt2_init)
@@ -169,8 +169,8 @@ class MiniGPT(LanguageModel):
 
 
 class NanoTransformer(LanguageModel):
-    """Minimal modern transformer: RMSNorm, no biases, rotary positions, no dropout
-    (config.dropout is not used by this architecture)."""
+    """Minimal modern transformer: RMSNorm, no biases, rotary positions, no dropout (by
+    design this architecture ignores config.dropout and config.bias)."""
 
     def __init__(self, config, activation):
         super().__init__(config)
@@ -200,12 +200,12 @@ class TinyLSTM(LanguageModel):
         c = config
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
-        self.lstm = nn.LSTM(c.n_embd, c.n_embd, num_layers=c.n_layer, batch_first=True,
+        self.lstm = nn.LSTM(c.n_embd, c.n_embd, num_layers=c.n_layer, batch_first=True, bias=c.bias,
                             dropout=c.dropout if c.n_layer > 1 else 0.0)
-        self.ln = nn.LayerNorm(c.n_embd)
-        self.mlp = FeedForward(c.n_embd, 4 * c.n_embd, activation, dropout=c.dropout)
-        self.ln_f = nn.LayerNorm(c.n_embd)
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size)
+        self.ln = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.mlp = FeedForward(c.n_embd, 4 * c.n_embd, activation, bias=c.bias, dropout=c.dropout)
+        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=c.bias)
 
     def forward(self, idx, targets=None):
         self.check_length(idx)
@@ -218,15 +218,15 @@ class CausalConvBlock(nn.Module):
     """x + Linear(act(dilated causal conv(norm(x)))). Padding on the left only, so the
     output at t sees inputs t - (k-1)*dilation .. t and never the future."""
 
-    def __init__(self, n_embd, activation, dilation, kernel_size=3, dropout=0.0):
+    def __init__(self, n_embd, activation, dilation, kernel_size=3, dropout=0.0, bias=True):
         super().__init__()
-        self.ln = nn.LayerNorm(n_embd)
+        self.ln = nn.LayerNorm(n_embd, bias=bias)
         self.act = Activation(activation)
         hidden = 2 * n_embd
         hidden = gated_hidden(hidden) if self.act.gated else hidden
         self.left_pad = (kernel_size - 1) * dilation
-        self.conv = nn.Conv1d(n_embd, hidden * self.act.in_mult, kernel_size, dilation=dilation)
-        self.proj = nn.Linear(hidden, n_embd)
+        self.conv = nn.Conv1d(n_embd, hidden * self.act.in_mult, kernel_size, dilation=dilation, bias=bias)
+        self.proj = nn.Linear(hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):  # x [B, T, C]
@@ -244,11 +244,11 @@ class ConvLM(LanguageModel):
         c = config
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
-        self.convs = nn.ModuleList(CausalConvBlock(c.n_embd, activation, 2 ** i, dropout=c.dropout)
+        self.convs = nn.ModuleList(CausalConvBlock(c.n_embd, activation, 2 ** i, dropout=c.dropout, bias=c.bias)
                                    for i in range(c.n_layer))
-        self.attn_block = Block(c.n_embd, c.n_head, activation, c.dropout)
-        self.ln_f = nn.LayerNorm(c.n_embd)
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size)
+        self.attn_block = Block(c.n_embd, c.n_head, activation, c.dropout, c.bias)
+        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=c.bias)
 
     def forward(self, idx, targets=None):
         self.check_length(idx)
@@ -268,11 +268,11 @@ class HybridLM(LanguageModel):
         c = config
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
-        self.lstm = nn.LSTM(c.n_embd, c.n_embd, num_layers=c.n_layer, batch_first=True,
+        self.lstm = nn.LSTM(c.n_embd, c.n_embd, num_layers=c.n_layer, batch_first=True, bias=c.bias,
                             dropout=c.dropout if c.n_layer > 1 else 0.0)
-        self.attn_block = Block(c.n_embd, c.n_head, activation, c.dropout)
-        self.ln_f = nn.LayerNorm(c.n_embd)
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size)
+        self.attn_block = Block(c.n_embd, c.n_head, activation, c.dropout, c.bias)
+        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=c.bias)
 
     def forward(self, idx, targets=None):
         self.check_length(idx)

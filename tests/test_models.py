@@ -119,3 +119,12 @@ def test_minigpt_ties_embedding_and_output_weights():
 def test_tinylstm_is_unidirectional():
     model = build_model('tinylstm', 'relu', tiny(), seed=0)
     assert not model.lstm.bidirectional
+
+
+@pytest.mark.parametrize('model_name', MODEL_NAMES)
+def test_bias_switch_removes_every_bias(model_name):
+    with_bias = build_model(model_name, 'relu', tiny(), seed=0)
+    without = build_model(model_name, 'relu', tiny(bias=False), seed=0)
+    assert not [n for n, _ in without.named_parameters() if 'bias' in n]
+    if model_name != 'nanotransformer':  # bias-free by design
+        assert [n for n, _ in with_bias.named_parameters() if 'bias' in n]
