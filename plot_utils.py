@@ -1,0 +1,355 @@
+"""
+Plots of an analysed study, drawn from its summary.json alone (so --plots-only can redraw
+them), plus the activation functions in numpy. No torch; no pyplot: figures are plain
+matplotlib Figures rendered by the Agg canvas, so nothing needs a display and no global
+backend state is touched.
+
+Every PNG is written to a temp file beside its path and renamed into place; all figures of
+a call are built before the first one is written, so a summary that cannot be plotted
+replaces no existing plot.
+"""
+import math
+import os
+import re
+import tempfile
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from scipy.special import erf
+
+# ----------------------------------------------------------------------------- files
+
+def atomic_write(path, write):
+    """Write through write(file) to a temp file in path's folder, then rename over path:
+    readers see the old file or the whole new one, never a half-written one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path), suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_figure(fig, path):
+    FigureCanvasAgg(fig)  # the Agg canvas: headless rendering
+    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=120, bbox_inches='tight'))
+
+
+# ----------------------------------------------------------------------------- activations in numpy
+
+SELU_ALPHA, SELU_SCALE = 1.6732632423543772, 1.0507009873554805
+GATE_OF = {'swiglu': 'swish', 'geglu': 'gelu', 'reglu': 'relu'}  # gated: the activation on the gate
+ALIASES = {'silu': 'swish'}
+_SMELU_RE = re.compile(r'^smelu_((?:[1-9]\d*|0)\.\d+|[1-9]\d*)$')  # as in activations.py
+
+
+def _sigmoid(x):
+    return 0.5 * (1 + np.tanh(0.5 * x))  # no overflow warnings for large |x|
+
+
+def _softplus(x):
+    return np.logaddexp(0, x)
+
+
+def _smelu(b):
+    return (lambda x: np.where(x <= -b, 0.0, np.where(x >= b, x, (x + b) ** 2 / (4 * b))),
+            lambda x: np.where(x <= -b, 0.0, np.where(x >= b, 1.0, (x + b) / (2 * b))))
+
+
+_phi = lambda x: np.exp(-x ** 2 / 2) / math.sqrt(2 * math.pi)  # noqa: E731  standard normal pdf
+_Phi = lambda x: 0.5 * (1 + erf(x / math.sqrt(2)))  # noqa: E731  exact normal cdf (exact GELU)
+
+# name -> (f, f'), written from the definitions
+ACTIVATIONS = {
+    'relu': (lambda x: np.maximum(x, 0.0), lambda x: (x > 0).astype(float)),
+    'gelu': (lambda x: x * _Phi(x), lambda x: _Phi(x) + x * _phi(x)),
+    'swish': (lambda x: x * _sigmoid(x), lambda x: _sigmoid(x) * (1 + x * (1 - _sigmoid(x)))),
+    'mish': (lambda x: x * np.tanh(_softplus(x)),
+             lambda x: np.tanh(_softplus(x)) + x * _sigmoid(x) * (1 - np.tanh(_softplus(x)) ** 2)),
+    'elu': (lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0))), lambda x: np.where(x > 0, 1.0, np.exp(np.minimum(x, 0)))),
+    'selu': (lambda x: SELU_SCALE * np.where(x > 0, x, SELU_ALPHA * np.expm1(np.minimum(x, 0))),
+             lambda x: SELU_SCALE * np.where(x > 0, 1.0, SELU_ALPHA * np.exp(np.minimum(x, 0)))),
+    'leaky_relu': (lambda x: np.where(x > 0, x, 0.01 * x), lambda x: np.where(x > 0, 1.0, 0.01)),
+}
+
+
+def smelu_beta(name):
+    """beta of a SmeLU name (smelu_05 = 0.5, smelu_1, smelu_<beta>), else None."""
+    if name == 'smelu_05':
+        return 0.5
+    m = _SMELU_RE.match(name) if isinstance(name, str) else None
+    beta = float(m.group(1)) if m else 0.0
+    return beta if beta > 0 else None
+
+
+def canonical_activation(name):
+    """One name per distinct function: silu -> swish, smelu_1 and smelu_1.0 -> smelu(beta=1.0).
+    Two names with one canonical form give identical predictions by design."""
+    beta = smelu_beta(name)
+    return f'smelu(beta={beta:g})' if beta is not None else ALIASES.get(name, name)
+
+
+def activation_fn(name):
+    """(f, f', label) in numpy for an activation name; gated names give their gate's function.
+    Unknown names raise ValueError listing the known ones."""
+    beta = smelu_beta(name)
+    if beta is not None:
+        return (*_smelu(beta), f'{name} (beta={beta:g})')
+    base = GATE_OF.get(name, ALIASES.get(name, name))
+    if base not in ACTIVATIONS:
+        known = list(ACTIVATIONS) + list(ALIASES) + list(GATE_OF) + ['smelu_05', 'smelu_<beta>']
+        raise ValueError(f"no numpy formula for activation {name!r}; known: {', '.join(known)}")
+    label = f'{name} (gate: {base})' if name in GATE_OF else name
+    return (*ACTIVATIONS[base], label)
+
+
+# ----------------------------------------------------------------------------- figures
+
+def activation_colors(names):
+    """A fixed colour per activation (sorted order), shared by every plot of a study."""
+    names = sorted(set(names))
+    cmap = 'tab10' if len(names) <= 10 else 'tab20'
+    cm = colormaps[cmap]
+    return {n: cm(i % cm.N) for i, n in enumerate(names)}
+
+
+def _grid(n, width=5.0, height=3.6):
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(width * cols, height * rows))
+    axes = [fig.add_subplot(rows, cols, k + 1) for k in range(n)]
+    return fig, axes
+
+
+def _by_model(summary):
+    models = {}
+    for r in summary['results']:
+        models.setdefault(r['model_name'], []).append(r)
+    return models
+
+
+def _metric(r, name):
+    """(mean, ci or None) of a pairwise metric of a result entry; (None, None) if it has none."""
+    m = (r.get('pairwise') or {}).get(name)
+    if not m or m.get('mean') is None:
+        return None, None
+    return m['mean'], m.get('ci')
+
+
+def training_curves(results, colors, model):
+    """Train and val loss against iteration: mean over trials with a min-max band, one colour
+    per activation. Only iterations every trial of the group logged are drawn."""
+    fig = Figure(figsize=(11, 4))
+    axes = [fig.add_subplot(1, 2, k + 1) for k in range(2)]
+    for r in results:
+        hists = [t.get('history') for t in r['trials']]
+        hists = [h for h in hists if h and h.get('iter')]
+        if not hists:
+            continue
+        common = sorted(set.intersection(*(set(h['iter']) for h in hists)))
+        for ax, key in zip(axes, ('train_loss', 'val_loss')):
+            ys = np.array([[dict(zip(h['iter'], h[key]))[i] for i in common] for h in hists], dtype=float)
+            c = colors[r['activation']]
+            ax.plot(common, ys.mean(0), color=c, label=f"{r['activation']} ({len(hists)})")
+            if len(hists) > 1:
+                ax.fill_between(common, ys.min(0), ys.max(0), color=c, alpha=0.2, linewidth=0)
+    for ax, title in zip(axes, ('train loss', 'val loss')):
+        ax.set_title(f'{model}: {title} (mean, band = min-max over trials)', fontsize=9)
+        ax.set_xlabel('iteration')
+        ax.set_ylabel('loss (nats)')
+    axes[1].legend(fontsize=7, title='activation (trials)', title_fontsize=7)
+    return fig
+
+
+def metric_bars(summary, colors, metric, ylabel):
+    """Per model, one bar per activation with its bootstrap interval drawn as a line
+    (groups without an interval get none and are marked n<3)."""
+    models = _by_model(summary)
+    fig, axes = _grid(len(models))
+    for ax, (model, results) in zip(axes, models.items()):
+        names = [r['activation'] for r in results]
+        x = np.arange(len(results))
+        for k, r in enumerate(results):
+            mean, ci = _metric(r, metric)
+            if mean is None:
+                ax.text(k, 0, 'no pairs', ha='center', va='bottom', fontsize=7, rotation=90)
+                continue
+            ax.bar(k, mean, color=colors[r['activation']])
+            if ci:
+                ax.vlines(k, ci[0], ci[1], color='black', linewidth=1.2)
+                ax.plot([k, k], ci, color='black', marker='_', markersize=8, linestyle='none')
+            else:
+                ax.text(k, mean, 'n<3', ha='center', va='bottom', fontsize=7)
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=45, ha='right', fontsize=8)
+        ax.set_title(model, fontsize=10)
+        ax.set_ylabel(ylabel, fontsize=8)
+    fig.suptitle(f'{ylabel} between trials (bars: mean over pairs; lines: 95% bootstrap CI over trials)', fontsize=10)
+    return fig
+
+
+def accuracy_vs_pd(summary, colors):
+    """Mean val accuracy against mean relative PD, one point per model x activation
+    (colour: activation, marker: model)."""
+    fig = Figure(figsize=(7.5, 5.5))
+    ax = fig.add_subplot(1, 1, 1)
+    markers = 'osD^v<>pPhX*'
+    models = list(_by_model(summary))
+    left_out = 0
+    for r in summary['results']:
+        pd, _ = _metric(r, 'relative_pd')
+        acc = r.get('avg_val_accuracy')
+        if pd is None or acc is None:
+            left_out += 1
+            continue
+        ax.scatter(pd, acc, color=colors[r['activation']], marker=markers[models.index(r['model_name']) % len(markers)],
+                   s=45, edgecolors='black', linewidths=0.4)
+    # two legends: colours for activations, markers for models
+    act = [Line2D([], [], color=c, marker='o', linestyle='none', label=n) for n, c in colors.items()]
+    mod = [Line2D([], [], color='grey', marker=markers[k % len(markers)], linestyle='none', label=m)
+           for k, m in enumerate(models)]
+    first = ax.legend(handles=act, fontsize=7, title='activation', title_fontsize=7, loc='upper left',
+                      bbox_to_anchor=(1.01, 1))
+    ax.add_artist(first)
+    ax.legend(handles=mod, fontsize=7, title='model', title_fontsize=7, loc='lower left', bbox_to_anchor=(1.01, 0))
+    ax.set_xlabel('mean relative PD between trials')
+    ax.set_ylabel('mean val accuracy')
+    note = f' ({left_out} without PD not shown)' if left_out else ''
+    ax.set_title('accuracy vs reproducibility, per model x activation' + note, fontsize=10)
+    return fig
+
+
+def pd_heatmap(summary):
+    """Model x activation matrix of mean relative PD; blank where a cell has no value."""
+    models = list(_by_model(summary))
+    acts = sorted({r['activation'] for r in summary['results']})
+    grid = np.full((len(models), len(acts)), np.nan)
+    for r in summary['results']:
+        pd, _ = _metric(r, 'relative_pd')
+        if pd is not None:
+            grid[models.index(r['model_name']), acts.index(r['activation'])] = pd
+    fig = Figure(figsize=(1.0 + 0.8 * len(acts), 1.2 + 0.55 * len(models)))
+    ax = fig.add_subplot(1, 1, 1)
+    cmap = colormaps['viridis'].with_extremes(bad='lightgrey')
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect='auto')
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, '—' if np.isnan(v) else f'{v:.3g}', ha='center', va='center', fontsize=7,
+                color='black' if np.isnan(v) or v > np.nanmean(grid) else 'white')
+    ax.set_xticks(range(len(acts)))
+    ax.set_xticklabels(acts, rotation=45, ha='right', fontsize=8)
+    ax.set_yticks(range(len(models)))
+    ax.set_yticklabels(models, fontsize=8)
+    fig.colorbar(im, ax=ax, label='mean relative PD')
+    ax.set_title('relative PD between trials (grey: no value)', fontsize=10)
+    return fig
+
+
+def activation_functions(names):
+    """Each activation and its derivative on [-3, 3]; gated ones show their gate function.
+    Names without a numpy formula are listed in the title rather than guessed."""
+    x = np.linspace(-3, 3, 601)
+    fig = Figure(figsize=(11, 4.2))
+    ax_f, ax_d = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    colors = activation_colors(names)
+    seen, unknown = set(), []
+    for name in sorted(set(names)):
+        try:
+            f, df, label = activation_fn(name)
+        except ValueError:
+            unknown.append(name)
+            continue
+        key = (canonical_activation(GATE_OF.get(name, name)), name in GATE_OF)
+        if key in seen:  # an alias of one already drawn (silu = swish)
+            continue
+        seen.add(key)
+        style = '--' if name in GATE_OF else '-'
+        ax_f.plot(x, f(x), style, color=colors[name], label=label)
+        ax_d.plot(x, df(x), style, color=colors[name], label=label)
+    ax_f.set_title('activation f(x)', fontsize=10)
+    ax_d.set_title("derivative f'(x)", fontsize=10)
+    for ax in (ax_f, ax_d):
+        ax.axhline(0, color='grey', linewidth=0.5)
+        ax.axvline(0, color='grey', linewidth=0.5)
+        ax.set_xlabel('x')
+    ax_f.set_ylim(-2, 3)
+    ax_d.legend(fontsize=7, loc='upper left')
+    if unknown:
+        fig.suptitle(f"no formula for: {', '.join(unknown)}", fontsize=8)
+    return fig
+
+
+def check_summary(summary):
+    """Raise ValueError naming the first thing make_plots would need and not find."""
+    if not isinstance(summary, dict) or not isinstance(summary.get('results'), list) or not summary['results']:
+        raise ValueError("no 'results' list of model x activation entries")
+    for k, r in enumerate(summary['results']):
+        if not isinstance(r, dict):
+            raise ValueError(f"results[{k}] is not an object")
+        for key, kind in (('model_name', str), ('activation', str), ('trials', list)):
+            if not isinstance(r.get(key), kind):
+                raise ValueError(f"results[{k}] has no {key} ({kind.__name__})")
+        if not isinstance(r.get('pairwise'), (dict, type(None))):
+            raise ValueError(f"results[{k}].pairwise is not an object")
+        for t in r['trials']:
+            h = t.get('history') if isinstance(t, dict) else None
+            if h is not None and not (isinstance(h, dict) and
+                                      all(len(h.get(k2) or []) == len(h.get('iter') or []) for k2 in ('train_loss', 'val_loss'))):
+                raise ValueError(f"results[{k}] ({r['model_name']}/{r['activation']}) has a malformed history")
+
+
+def figures(summary):
+    """Every plot of a study as {file name: Figure}, nothing written yet."""
+    check_summary(summary)
+    colors = activation_colors(r['activation'] for r in summary['results'])
+    figs = {f'training_curves_{model}.png': training_curves(results, colors, model)
+            for model, results in _by_model(summary).items()}
+    figs['relative_pd.png'] = metric_bars(summary, colors, 'relative_pd', 'relative PD')
+    figs['top1_disagreement.png'] = metric_bars(summary, colors, 'top1_disagreement', 'top-1 disagreement')
+    figs['accuracy_vs_relative_pd.png'] = accuracy_vs_pd(summary, colors)
+    figs['relative_pd_heatmap.png'] = pd_heatmap(summary)
+    figs['activation_functions.png'] = activation_functions([r['activation'] for r in summary['results']])
+    return figs
+
+
+def save_figures(figs, plots_dir):
+    paths = []
+    for name, fig in figs.items():
+        paths.append(os.path.join(plots_dir, name))
+        save_figure(fig, paths[-1])
+    return paths
+
+
+def make_plots(summary, plots_dir):
+    """Every plot of a study into plots_dir (all built before the first is written);
+    returns the paths written."""
+    return save_figures(figures(summary), plots_dir)
+
+
+def comparison_plot(rows, label_a, label_b):
+    """Side-by-side bars of relative PD, val loss and val accuracy of two studies, per
+    model x activation (rows as in analyze_results.compare)."""
+    keys = [('relative_pd', 'mean relative PD'), ('val_loss', 'mean val loss'), ('val_accuracy', 'mean val accuracy')]
+    labels = [f"{r['model']}/{r['activation']}" for r in rows]
+    x = np.arange(len(rows))
+    fig = Figure(figsize=(max(8, 0.45 * len(rows) + 2), 10))
+    for k, (key, title) in enumerate(keys):
+        ax = fig.add_subplot(3, 1, k + 1)
+        for side, label, shift in (('a', label_a, -0.2), ('b', label_b, 0.2)):
+            v = np.array([np.nan if r[side][key] is None else r[side][key] for r in rows], dtype=float)
+            ax.bar(x + shift, v, width=0.4, label=label)  # nan: no bar
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels if k == 2 else [], rotation=60, ha='right', fontsize=7)
+        ax.legend(fontsize=7)
+    return fig

@@ -1,0 +1,391 @@
+"""analyze_results and plot_utils on studies written here by hand in the trainer's format:
+outputs and their round trip, each planted sanity problem, bad files, bad input, --compare,
+--plots-only, the numpy activation formulas, and that none of the three imports torch."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import analyze_results
+import metrics
+import plot_utils
+from conftest import ROOT
+
+N_EVAL, N_CLASSES = 40, 7
+HASH = 'e' * 64
+
+
+def softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def make_probs(model, activation, trial, spread=0.5):
+    """Predictions that depend on model, activation and trial, like real ones."""
+    base = np.random.default_rng(sum(map(ord, model))).normal(size=(N_EVAL, N_CLASSES))
+    shift = np.random.default_rng(sum(map(ord, activation))).normal(size=(N_EVAL, N_CLASSES))
+    noise = np.random.default_rng(1000 + trial + 7 * sum(map(ord, activation))).normal(size=(N_EVAL, N_CLASSES))
+    return softmax(base + shift + spread * noise)
+
+
+def write_trial(study, model, act, k, probs=None, eval_hash=HASH, vary='all', seeds=None, task='lm',
+                train_loss=1.6, val_loss=1.7, config=None, eval_indices=None):
+    folder = study / model / act
+    folder.mkdir(parents=True, exist_ok=True)
+    probs = make_probs(model, act, k) if probs is None else probs
+    targets = np.arange(len(probs)) % probs.shape[1]
+    npz = folder / f'trial_{k}.npz'
+    np.savez(npz, probs=probs, targets=targets,
+             eval_indices=np.arange(len(probs)) if eval_indices is None else eval_indices,
+             routing=np.zeros((len(probs), 2)))  # an array the analysis does not know: ignored
+    s = 42 + k
+    rec = {
+        'schema_version': 1, 'source': 'measured', 'task': task, 'study': study.name,
+        'model': model, 'activation': act, 'trial': k, 'vary': vary,
+        'seeds': seeds or {'trial_seed': s, 'init': s, 'data': s, 'dropout': s},
+        'config': config or {'n_layer': 1, 'n_embd': 16, 'max_iters': 6, 'n_eval': N_EVAL},
+        'eval_hash': eval_hash, 'predictions_file': npz.name,
+        'predictions_sha256': hashlib.sha256(npz.read_bytes()).hexdigest(),
+        'metrics': {'train_loss': train_loss, 'val_loss': val_loss,
+                    'val_accuracy': float((probs.argmax(1) == targets).mean()), 'token_accuracy': 0.3,
+                    'training_time': 2.0 + k, 'total_time': 3.0 + k, 'tokens_per_sec': 1000.0,
+                    'n_params': 1234, 'peak_memory_mb': None},
+        'history': {'iter': [0, 3, 6], 'train_loss': [4.0, 2.5, train_loss], 'val_loss': [4.1, 2.6, val_loss],
+                    'lr': [3e-4] * 3, 'grad_norm': [None, 1.0, 0.9]},
+        'provenance': {'git_commit': 'abc123', 'git_dirty': False, 'torch_version': '2.x', 'cuda_version': None,
+                       'device': 'cpu', 'device_name': 'x86_64', 'deterministic': True, 'python_version': '3.12',
+                       'hostname': 'h', 'started_at': 't0', 'finished_at': 't1'},
+    }
+    (folder / f'trial_{k}.json').write_text(json.dumps(rec))
+    return rec
+
+
+def make_study(root, name='s', models=('minigpt', 'charlm'), acts=('relu', 'gelu', 'swish'), trials=3):
+    study = root / name
+    for m in models:
+        for a in acts:
+            for k in range(trials):
+                write_trial(study, m, a, k)
+    return study
+
+
+def entry(summary, model, act):
+    return next(r for r in summary['results'] if (r['model_name'], r['activation']) == (model, act))
+
+
+@pytest.fixture
+def study(tmp_path):
+    return make_study(tmp_path)
+
+
+# ----------------------------------------------------------------------------- a clean study
+
+def test_clean_study_outputs_and_round_trip(study, tmp_path):
+    plots = tmp_path / 'plots'
+    summary = analyze_results.analyze(str(study), str(plots), verbose=False)
+    assert summary['warnings'] == []  # nothing planted: no false alarms
+    with open(study / 'summary.json') as f:
+        assert json.load(f) == json.loads(json.dumps(summary))
+    assert len(summary['results']) == 6 and summary['baseline'] == 'relu'
+
+    # the numbers are those of the saved arrays
+    r = entry(summary, 'minigpt', 'gelu')
+    p = [make_probs('minigpt', 'gelu', k) for k in range(3)]
+    assert r['reproducibility_metrics'][0] == {'model_pair': [0, 1], 'relative_pd': pytest.approx(metrics.relative_pd(p[0], p[1])),
+                                               'prediction_differences': int(metrics.prediction_differences(p[0], p[1])),
+                                               'total_predictions': N_EVAL}
+    assert r['avg_relative_pd'] == pytest.approx(np.mean([metrics.relative_pd(p[i], p[j]) for i, j in ((0, 1), (0, 2), (1, 2))]))
+    assert r['avg_val_loss'] == pytest.approx(1.7) and r['std_val_loss'] == pytest.approx(0, abs=1e-12)
+    assert r['avg_training_time'] == 3.0
+    for m in metrics.PAIR_METRICS:
+        lo, hi = r['pairwise'][m]['ci']
+        assert min(r['pairwise'][m]['values']) <= lo <= hi <= max(r['pairwise'][m]['values'])
+    assert [t['trial_id'] for t in r['trials']] == [0, 1, 2] and r['trials'][0]['history']['iter'] == [0, 3, 6]
+    cmp = [c for c in summary['comparisons'] if c['model'] == 'minigpt']
+    assert {c['activation'] for c in cmp} == {'gelu', 'swish'}
+    assert all(c['exact'] and c['n_permutations'] == 20 and 0 < c['p_value'] <= 1 for c in cmp)
+    assert len(summary['provenance']['files']) == 36 and summary['provenance']['git_commits'] == ['abc123']
+
+    report = (study / 'REPORT.md').read_text()
+    assert report.index('## Warnings') < report.index('## minigpt') and '## charlm' in report
+    assert 'p-value' in report and '**' in report
+
+    names = {'training_curves_minigpt.png', 'training_curves_charlm.png', 'relative_pd.png', 'top1_disagreement.png',
+             'accuracy_vs_relative_pd.png', 'relative_pd_heatmap.png', 'activation_functions.png'}
+    assert set(os.listdir(plots)) == names  # and no temp files left behind
+    for n in names:
+        assert (plots / n).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_same_files_give_the_same_summary(study):
+    analyze_results.analyze(str(study), plots=False, verbose=False)
+    first = (study / 'summary.json').read_bytes()
+    analyze_results.analyze(str(study), plots=False, verbose=False)
+    assert (study / 'summary.json').read_bytes() == first
+
+
+def test_fewer_than_three_trials_give_no_interval(tmp_path):
+    study = make_study(tmp_path, acts=('relu', 'gelu'), models=('minigpt',), trials=2)
+    write_trial(study, 'minigpt', 'elu', 0)
+    s = analyze_results.analyze(str(study), plots=False, verbose=False)
+    r = entry(s, 'minigpt', 'gelu')
+    assert r['pairwise']['relative_pd']['ci'] is None and 'no interval possible' in r['pairwise']['relative_pd']['ci_note']
+    assert r['trial_stats']['val_loss']['ci'] is None
+    one = entry(s, 'minigpt', 'elu')
+    assert one['avg_relative_pd'] is None and one['std_val_loss'] is None
+    report = (study / 'REPORT.md').read_text()
+    assert 'no interval possible' in report and '1 trial: no pairs' in report
+
+
+# ----------------------------------------------------------------------------- planted problems
+
+def test_identical_predictions_across_activations(study):
+    for k in range(3):  # gelu's files carry relu's predictions: the activation was never used
+        write_trial(study, 'minigpt', 'gelu', k, probs=make_probs('minigpt', 'relu', k))
+    s = analyze_results.analyze(str(study), plots=False, verbose=False)
+    hits = [w for w in s['warnings'] if 'activation probably not applied' in w]
+    assert len(hits) == 1 and 'minigpt' in hits[0] and 'gelu' in hits[0] and 'relu' in hits[0]
+    assert len(s['results']) == 6 and entry(s, 'charlm', 'gelu')['avg_relative_pd'] > 0
+    assert 'activation probably not applied' in (study / 'REPORT.md').read_text()
+
+
+def test_silu_and_swish_are_one_function(study):
+    for k in range(3):
+        write_trial(study, 'minigpt', 'silu', k, probs=make_probs('minigpt', 'swish', k))
+    s = analyze_results.analyze(str(study), plots=False, verbose=False)
+    assert s['warnings'] == []
+
+
+def test_identical_predictions_across_seeds(study):
+    same = make_probs('charlm', 'gelu', 0)
+    for k in range(3):
+        write_trial(study, 'charlm', 'gelu', k, probs=same)
+    s = analyze_results.analyze(str(study), plots=False, verbose=False)
+    hits = [w for w in s['warnings'] if 'seeds not applied' in w]
+    assert len(hits) == 3 and all(w.startswith('charlm/gelu') for w in hits)
+    assert entry(s, 'charlm', 'gelu')['avg_relative_pd'] == 0  # reported as measured, not hidden
+
+
+def test_identical_predictions_with_vary_none_are_expected(study):
+    same = make_probs('charlm', 'gelu', 0)
+    for k in range(3):
+        write_trial(study, 'charlm', 'gelu', k, probs=same, vary='none',
+                    seeds={'trial_seed': 42 + k, 'init': 42, 'data': 42, 'dropout': 42})
+    s = analyze_results.analyze(str(study), plots=False, verbose=False)
+    assert not [w for w in s['warnings'] if 'seeds not applied' in w]
+
+
+def test_implausibly_low_val_loss(study):
+    write_trial(study, 'minigpt', 'relu', 1, train_loss=1.5, val_loss=0.3)
+    s = analyze_results.analyze(str(study), plots=False, verbose=False)
+    hits = [w for w in s['warnings'] if 'possible information leakage (non-causal model?)' in w]
+    assert len(hits) == 1 and hits[0].startswith('minigpt/relu/trial_1')
+    # the ratio rule alone, for a classification task (no nats floor there)
+    write_trial(study, 'minigpt', 'relu', 1, train_loss=0.3, val_loss=0.1, task='classification')
+    s = analyze_results.analyze(str(study), plots=False, verbose=False)
+    assert any('information leakage' in w for w in s['warnings'])
+
+
+def test_corrupt_missing_and_truncated_files_are_listed_and_skipped(study):
+    d = study / 'minigpt' / 'gelu'
+    (d / 'trial_0.json').write_text('{"schema_version": 1, "model": ')            # truncated JSON
+    npz = (d / 'trial_1.npz').read_bytes()
+    (d / 'trial_1.npz').write_bytes(npz[:len(npz) // 2])                           # truncated npz
+    rec = json.loads((d / 'trial_2.json').read_text())
+    (d / 'trial_2.npz').write_bytes(b'not a zip at all')                            # garbage npz whose
+    rec['predictions_sha256'] = hashlib.sha256(b'not a zip at all').hexdigest()    # sha256 matches
+    (d / 'trial_2.json').write_text(json.dumps(rec))
+    (study / 'charlm' / 'relu' / 'trial_2.npz').unlink()                            # missing npz
+    (study / 'charlm' / 'relu' / 'trial_3.npz').write_bytes(npz)                    # npz without JSON
+    s = analyze_results.analyze(str(study), plots=False, verbose=False)
+    bad = {b['path']: b['reason'] for b in s['bad_files']}
+    j = os.path.join
+    assert set(bad) == {j('minigpt', 'gelu', 'trial_0.json'), j('minigpt', 'gelu', 'trial_1.json'),
+                        j('minigpt', 'gelu', 'trial_2.json'), j('charlm', 'relu', 'trial_2.json'),
+                        j('charlm', 'relu', 'trial_3.npz')}
+    assert 'unreadable JSON' in bad[j('minigpt', 'gelu', 'trial_0.json')]
+    assert 'sha256' in bad[j('minigpt', 'gelu', 'trial_1.json')]
+    assert 'cannot be loaded' in bad[j('minigpt', 'gelu', 'trial_2.json')]
+    assert 'missing' in bad[j('charlm', 'relu', 'trial_2.json')]
+    assert sum(w.startswith('skipped ') for w in s['warnings']) == 5
+    # the rest is analysed: minigpt/gelu is gone, charlm/relu has two trials
+    assert {(r['model_name'], r['activation']) for r in s['results']} == \
+        {(m, a) for m in ('minigpt', 'charlm') for a in ('relu', 'gelu', 'swish')} - {('minigpt', 'gelu')}
+    assert entry(s, 'charlm', 'relu')['trial_ids'] == [0, 1]
+    assert '## Skipped files' in (study / 'REPORT.md').read_text()
+
+
+def test_bad_probabilities_and_misplaced_files_are_skipped(study):
+    d = study / 'charlm' / 'swish'
+    write_trial(study, 'charlm', 'swish', 0, probs=np.full((N_EVAL, N_CLASSES), 0.5, dtype=np.float32))
+    rec = json.loads((d / 'trial_1.json').read_text())
+    rec['activation'] = 'gelu'
+    (d / 'trial_1.json').write_text(json.dumps(rec))
+    rec = json.loads((d / 'trial_2.json').read_text())
+    rec['source'] = 'synthetic'
+    (d / 'trial_2.json').write_text(json.dumps(rec))
+    s = analyze_results.analyze(str(study), plots=False, verbose=False)
+    reasons = ' | '.join(b['reason'] for b in s['bad_files'])
+    assert 'not probability distributions' in reasons and 'lies at' in reasons and "not 'measured'" in reasons
+    assert not [r for r in s['results'] if (r['model_name'], r['activation']) == ('charlm', 'swish')]
+
+
+def test_odd_values_from_the_files_keep_summary_strict_json(study):
+    d = study / 'charlm' / 'gelu'
+    rec = json.loads((d / 'trial_0.json').read_text())
+    rec['history']['grad_norm'] = [None, float('inf'), float('nan')]  # json.dumps writes Infinity, NaN
+    rec['metrics']['peak_memory_mb'] = float('nan')
+    (d / 'trial_0.json').write_text(json.dumps(rec))
+    rec = json.loads((d / 'trial_1.json').read_text())
+    rec['history'] = {'iter': [0, 3], 'train_loss': [1.0]}
+    (d / 'trial_1.json').write_text(json.dumps(rec))
+    s = analyze_results.analyze(str(study), plots=False, verbose=False)
+    text = (study / 'summary.json').read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f'non-strict JSON constant {c}'))
+    r = entry(s, 'charlm', 'gelu')
+    assert r['trials'][0]['history']['grad_norm'] == [None, 'inf', 'nan'] and r['trials'][0]['peak_memory_mb'] == 'nan'
+    assert r['n_trials'] == 3 and r['trials'][1]['history'] is None
+    assert any(w.startswith('charlm/gelu/trial_1: history missing or malformed') for w in s['warnings'])
+
+
+def test_mismatched_eval_hash_is_an_error_not_a_number(study):
+    write_trial(study, 'minigpt', 'swish', 2, eval_hash='f' * 64)
+    s = analyze_results.analyze(str(study), plots=False, verbose=False)
+    r = entry(s, 'minigpt', 'swish')
+    assert r['error'] and r['pairwise'] is None and r['avg_relative_pd'] is None and r['reproducibility_metrics'] == []
+    errors = [w for w in s['warnings'] if w.startswith('ERROR')]
+    assert s['warnings'][:len(errors)] == errors  # errors come first
+    assert any(w.startswith('ERROR minigpt/swish:') for w in errors) and any('swish vs relu' in w for w in errors)
+    cmp = next(c for c in s['comparisons'] if (c['model'], c['activation']) == ('minigpt', 'swish'))
+    assert cmp['error'] and cmp['difference'] is None and cmp['p_value'] is None
+    assert 'ERROR' in (study / 'REPORT.md').read_text()
+    assert entry(s, 'minigpt', 'gelu')['avg_relative_pd'] > 0  # the rest is untouched
+
+
+def test_failures_are_listed_not_counted(study):
+    lines = [json.dumps({'model': 'minigpt', 'activation': 'gelu', 'trial': 3, 'error': 'RuntimeError: boom',
+                         'traceback': 'Traceback ...'}), '{broken']
+    (study / 'failures.jsonl').write_text('\n'.join(lines) + '\n')
+    s = analyze_results.analyze(str(study), plots=False, verbose=False)
+    assert [f['trial'] for f in s['failures']] == [3] and s['failures'][0]['has_result'] is False
+    assert entry(s, 'minigpt', 'gelu')['n_trials'] == 3
+    assert any('failed trial' in w for w in s['warnings'])
+    assert any(b['path'] == 'failures.jsonl line 2' for b in s['bad_files'])
+    assert 'RuntimeError: boom' in (study / 'REPORT.md').read_text()
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_bad_input_is_a_one_line_error_and_overwrites_nothing(study, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        analyze_results.main(['--results-dir', str(tmp_path / 'nope')])
+    assert str(e.value.code).startswith('error: ') and 'does not exist' in str(e.value.code)
+
+    analyze_results.main(['--results-dir', str(study), '--no-plots'])
+    before = (study / 'summary.json').read_bytes()
+    write_trial(study, 'minigpt', 'relu', 0, train_loss=9.9)  # new data, which a bad call must not write out
+    with pytest.raises(SystemExit) as e:
+        analyze_results.main(['--results-dir', str(study), '--baseline', 'tanh'])
+    msg = str(e.value.code)
+    assert "'tanh'" in msg and 'gelu, relu, swish' in msg and '\n' not in msg
+    assert (study / 'summary.json').read_bytes() == before
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        analyze_results.main([])
+    assert e.value.code == 2 and capsys.readouterr().err.count('\n') == 1
+
+
+def test_plots_only(study, tmp_path):
+    plots = tmp_path / 'p'
+    analyze_results.main(['--results-dir', str(study), '--no-plots'])
+    assert not plots.exists()
+    analyze_results.main(['--results-dir', str(study), '--plots-dir', str(plots), '--plots-only'])
+    assert len(list(plots.iterdir())) == 7 and all(f.stat().st_size > 0 for f in plots.iterdir())
+    # a corrupt summary.json: a one-line error, and the plots already there stay as they were
+    stamp = {f.name: f.read_bytes() for f in plots.iterdir()}
+    (study / 'summary.json').write_text('{"results": [')
+    with pytest.raises(SystemExit) as e:
+        analyze_results.main(['--results-dir', str(study), '--plots-dir', str(plots), '--plots-only'])
+    assert 'summary.json' in str(e.value.code) and 'without --plots-only' in str(e.value.code)
+    assert {f.name: f.read_bytes() for f in plots.iterdir()} == stamp
+    (study / 'summary.json').write_text(json.dumps({'results': [{'model_name': 'minigpt', 'activation': 'relu'}]}))
+    with pytest.raises(SystemExit) as e:
+        analyze_results.main(['--results-dir', str(study), '--plots-dir', str(plots), '--plots-only'])
+    assert 'trials' in str(e.value.code)
+    assert {f.name: f.read_bytes() for f in plots.iterdir()} == stamp
+
+
+def test_compare_two_studies(tmp_path):
+    a = make_study(tmp_path, 'partial', acts=('relu', 'gelu'))
+    b = make_study(tmp_path, 'full', acts=('relu', 'gelu', 'mish'))
+    for k in range(3):
+        write_trial(b, 'minigpt', 'gelu', k, val_loss=1.5)
+    out = tmp_path / 'cmp'
+    analyze_results.main(['--compare', str(a), str(b), '--out-dir', str(out)])
+    c = json.loads((out / 'compare.json').read_text())
+    row = next(r for r in c['rows'] if (r['model'], r['activation']) == ('minigpt', 'gelu'))
+    assert row['change']['val_loss'] == pytest.approx(1.5 - 1.7) and row['change']['relative_pd'] == 0
+    mish = next(r for r in c['rows'] if (r['model'], r['activation']) == ('minigpt', 'mish'))
+    assert mish['a']['relative_pd'] is None and mish['change']['relative_pd'] is None
+    assert '| minigpt | gelu |' in (out / 'COMPARE.md').read_text()
+    assert (out / 'compare.png').stat().st_size > 0
+    assert not (a / 'summary.json').exists()  # comparing writes nothing into the studies
+
+
+# ----------------------------------------------------------------------------- activations, no torch
+
+def test_analysis_modules_do_not_import_torch(tmp_path):
+    # a fresh interpreter in which importing torch fails; then use the statistics too, since
+    # scipy imports some of its parts lazily
+    code = ("import sys\n"
+            "class NoTorch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch': raise ImportError('torch imported')\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
+            "import numpy as np, metrics, analyze_results, plot_utils\n"
+            "d = np.ones((4, 4)) - np.eye(4)\n"
+            "metrics.describe([1.0, 2.0, 3.0]); metrics.bootstrap_pairwise_ci(d); metrics.permutation_test(d, [0, 1], [2, 3])\n"
+            "plot_utils.save_figure(plot_utils.activation_functions(['relu', 'gelu']), sys.argv[1])\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'torch']\n"
+            "assert 'matplotlib.pyplot' not in sys.modules  # Agg canvas only: no global backend\n")
+    subprocess.run([sys.executable, '-c', code, str(tmp_path / 'a.png')], cwd=ROOT, check=True)
+
+
+def test_numpy_activation_derivatives_match_finite_differences():
+    x = np.linspace(-3, 3, 1201)
+    x = x[np.abs(x) > 1e-3]
+    names = ['relu', 'gelu', 'swish', 'silu', 'smelu_05', 'smelu_1', 'smelu_0.25', 'mish', 'elu', 'selu',
+             'leaky_relu', 'swiglu', 'geglu', 'reglu']
+    h = 1e-6
+    for name in names:
+        f, df, _ = plot_utils.activation_fn(name)
+        kinks = np.zeros_like(x, dtype=bool)
+        beta = plot_utils.smelu_beta(name)
+        if beta:
+            kinks = np.abs(np.abs(x) - beta) < 1e-3
+        num = (f(x + h) - f(x - h)) / (2 * h)
+        np.testing.assert_allclose(df(x)[~kinks], num[~kinks], atol=1e-5, err_msg=name)
+    b = 0.5  # SmeLU by its definition
+    f, _, _ = plot_utils.activation_fn('smelu_05')
+    assert f(np.array([-1.0, -0.5, 0.0, 0.25, 0.5, 2.0])) == pytest.approx([0, 0, b / 4, 0.75 ** 2 / 2, 0.5, 2.0])
+    with pytest.raises(ValueError, match='known'):
+        plot_utils.activation_fn('tanhh')
+
+
+def test_numpy_activations_match_the_torch_ones():
+    torch = pytest.importorskip('torch')
+    from activations import ACTIVATION_NAMES, get_activation_fn
+    x = np.linspace(-4, 4, 801)
+    x = x[np.abs(x) > 1e-3]
+    for name in ACTIVATION_NAMES + ['smelu_0.25']:
+        f, df, _ = plot_utils.activation_fn(name)
+        xt = torch.tensor(x, requires_grad=True)
+        y = get_activation_fn(name)(xt)
+        y.sum().backward()
+        np.testing.assert_allclose(f(x), y.detach().numpy(), atol=1e-10, err_msg=name)
+        np.testing.assert_allclose(df(x), xt.grad.numpy(), atol=1e-10, err_msg=name)
