@@ -16,11 +16,25 @@ class Config:
     dropout: float = 0.2
     bias: bool = True            # biases in Linear, LayerNorm, LSTM and conv layers (GPT-2 has them)
     vocab_size: int = 0          # 0: taken from the data (65 for Tiny Shakespeare)
+    # mixture of experts (switchlm only; every other model ignores these; see moe.py)
+    n_experts: int = 4             # experts per Switch layer
+    top_k: int = 1                 # experts per token: 1 (Switch) or 2
+    capacity_factor: float = 1.25  # slots per expert per sequence = ceil(cf * top_k * block_size / n_experts)
+    moe_every: int = 1             # every moe_every-th block is a Switch layer (1: all)
+    router_init_scale: float = 0.01  # router init std = router_init_scale * 0.02 (100x smaller)
+    router_jitter: float = 0.0     # training: router input *= U(1-eps, 1+eps) from the dropout RNG
+    aux_loss_coef: float = 0.01    # Switch load-balancing loss weight
+    z_loss_coef: float = 0.001     # ST-MoE router z-loss weight
+    # feed-forward classifier (ffn only; the language models ignore these; see mnist.py)
+    hidden: int = 16               # ungated hidden width (gated activations: round(2/3 hidden))
+    depth: int = 1                 # hidden layers
+    n_inputs: int = 0              # input features; 0: taken from the data (784 mnist, 40 mnist1d)
     # data
-    dataset: str = 'shakespeare_char'  # shakespeare_char, or a path to any UTF-8 text file
+    dataset: str = 'shakespeare_char'  # shakespeare_char, mnist, mnist1d, or a path to any UTF-8 text file
     # optimisation (AdamW)
     batch_size: int = 32
     max_iters: int = 200
+    epochs: int = 0                # classification: passes over the training split, sets max_iters (0: off)
     learning_rate: float = 3e-4
     lr_schedule: str = 'constant'  # constant | cosine
     warmup_iters: int = 0          # cosine: linear warmup steps
@@ -43,12 +57,12 @@ class Config:
     def validate(self):
         """Raise ValueError naming the problem; called before anything is allocated."""
         positive = ['n_layer', 'n_embd', 'n_head', 'block_size', 'batch_size', 'max_iters',
-                    'eval_interval', 'eval_iters', 'n_eval', 'grad_accum_steps']
+                    'eval_interval', 'eval_iters', 'n_eval', 'grad_accum_steps', 'hidden', 'depth']
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         nonneg = ['vocab_size', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay',
-                  'grad_clip', 'early_stop_patience']
+                  'grad_clip', 'early_stop_patience', 'n_inputs', 'epochs']
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -62,6 +76,18 @@ class Config:
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.n_experts < 1 or self.moe_every < 1:
+            raise ValueError(f"n_experts and moe_every must be >= 1, got {self.n_experts}, {self.moe_every}")
+        if self.top_k not in (1, 2) or self.top_k > self.n_experts:
+            raise ValueError(f"top_k must be 1 or 2 and <= n_experts ({self.n_experts}), got {self.top_k}")
+        if not (self.capacity_factor > 0 and self.router_init_scale > 0):
+            raise ValueError(f"capacity_factor and router_init_scale must be > 0, got "
+                             f"{self.capacity_factor}, {self.router_init_scale}")
+        if not 0.0 <= self.router_jitter < 1.0:
+            raise ValueError(f"router_jitter must be in [0, 1), got {self.router_jitter}")
+        if not (self.aux_loss_coef >= 0 and self.z_loss_coef >= 0):
+            raise ValueError(f"aux_loss_coef and z_loss_coef must be >= 0, got "
+                             f"{self.aux_loss_coef}, {self.z_loss_coef}")
         return self
 
     def to_dict(self):
@@ -83,6 +109,10 @@ PRESETS = {
                           learning_rate=1e-3, lr_schedule='cosine', warmup_iters=100,
                           lr_decay_iters=2000, min_lr=1e-4, weight_decay=0.1, beta2=0.99,
                           grad_clip=1.0, bias=False),
+    # feed-forward classifier on MNIST-1D (offline; --dataset mnist for MNIST), as in the FFN
+    # study of mnist.py: one epoch, no dropout; eval set = the validation split
+    'mnist_ffn': dict(dataset='mnist1d', hidden=16, depth=1, epochs=1, batch_size=64,
+                      learning_rate=1e-3, dropout=0.0, eval_interval=100, eval_iters=20),
 }
 
 

@@ -12,33 +12,48 @@ import sys
 import torch
 
 from activations import ACTIVATION_NAMES, check_activation
-from model import MODELS
+from model import MODELS as _BASE_MODELS
+from mnist import FFN
+from moe import SwitchLM
 
-MODEL_NAMES = list(MODELS)
+# switchlm lives in moe.py (it builds on model.py's blocks, so model.py cannot import it)
+MODELS = {**_BASE_MODELS, 'switchlm': SwitchLM}
+MODEL_NAMES = list(MODELS)  # the language models (tests iterate over these)
+# classifiers of flat inputs (mnist / mnist1d tasks; see mnist.py): not language models
+CLASSIFIERS = {'ffn': FFN}
+CLASSIFIER_NAMES = list(CLASSIFIERS)
+ALL_MODEL_NAMES = MODEL_NAMES + CLASSIFIER_NAMES
+_BUILDERS = {**MODELS, **CLASSIFIERS}
 
 
 def check_model(name):
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(ALL_MODEL_NAMES)}")
     return name
+
+
+def model_kind(name):
+    """The Task kind a model trains on: 'lm' or 'classification'."""
+    return 'classification' if check_model(name) in CLASSIFIERS else 'lm'
 
 
 def build_model(model_name, activation_name, config, seed=None):
     check_model(model_name)
     check_activation(activation_name)
     config.validate()
-    if config.vocab_size <= 0:
+    if model_name in MODELS and config.vocab_size <= 0:  # classifiers default to 10 classes
         raise ValueError("config.vocab_size must be set (> 0) before building a model")
     if model_name == 'nanotransformer' and (config.n_embd // config.n_head) % 2:
         raise ValueError(f"nanotransformer: head size n_embd/n_head = {config.n_embd // config.n_head} "
                          f"must be even (rotary embeddings rotate pairs of dimensions)")
+    cls = _BUILDERS[model_name]
     if seed is None:
-        return MODELS[model_name](config, activation_name)
+        return cls(config, activation_name)
     # fork_rng: initialisation draws from its own seeded stream and leaves the global RNG
     # (which drives dropout) exactly as the caller set it
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[model_name](config, activation_name)
+        return cls(config, activation_name)
 
 
 def count_parameters(model):

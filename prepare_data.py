@@ -186,7 +186,10 @@ class CharTask:
 
 
 def make_task(config, directory=None):
-    """The Task for config.dataset."""
+    """The Task for config.dataset: mnist / mnist1d classification (mnist.py), else text."""
+    if config.dataset in ('mnist', 'mnist1d'):
+        from mnist import ClassificationTask  # imported here: mnist.py imports this module
+        return ClassificationTask(config, directory)
     return CharTask(config, directory)
 
 

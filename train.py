@@ -14,7 +14,8 @@ through forward(x, targets) -> (logits, loss). A model may also set `self.aux_lo
 (a scalar tensor) in forward; it is added to the training loss only, so reported losses
 are the task loss alone. Optional model hooks: `trial_metrics()` -> dict merged into the
 trial's metrics, and `eval_extras()` -> dict of arrays for the last forward pass, saved
-in the .npz beside the predictions.
+in the .npz beside the predictions. Optional task hook: `trial_metrics(model, device, amp)`
+-> dict merged into the metrics after training (a classifier's held-out test accuracy).
 """
 import datetime
 import json
@@ -34,8 +35,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from config import Parser, add_config_args, config_from_args
-from model_factories import build_model, check_activation, check_model, count_parameters
+from config import Config, Parser, add_config_args, config_from_args
+from model_factories import build_model, check_activation, check_model, count_parameters, model_kind
 from prepare_data import DataError, make_task, sha256_file
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -86,6 +87,13 @@ def write_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
+def trial_identity(task, model_name, activation, trial, vary, config):
+    """What a saved result must match to count as this trial (see existing_trial); `config`
+    is the run's config with the task's config_updates() applied, as run_trial records it."""
+    return {'task': task.kind, 'model': model_name, 'activation': activation, 'trial': trial,
+            'vary': vary, 'seeds': trial_seeds(config.seed_base, trial, vary), 'config': config.to_dict()}
+
+
 def existing_trial(path, identity):
     """'absent' if no result JSON; 'done' if it holds this trial (same identity: config,
     seeds, vary, task, model); otherwise a string saying how it differs."""
@@ -100,7 +108,9 @@ def existing_trial(path, identity):
     for key, value in identity.items():
         if key == 'config':
             old_cfg = old.get('config', {})
-            diffs += [f"{k}: {old_cfg.get(k)!r} -> {v!r}" for k, v in value.items() if old_cfg.get(k) != v]
+            # a field added to Config after the old run is no difference while at its default
+            diffs += [f"{k}: {old_cfg.get(k)!r} -> {v!r}" for k, v in value.items() if old_cfg.get(k) != v
+                      and (k in old_cfg or v != getattr(Config, k, None))]
         elif old.get(key) != value:
             diffs.append(f"{key}: {old.get(key)!r} -> {value!r}")
     return 'done' if not diffs else 'different (' + '; '.join(diffs) + ')'
@@ -288,9 +298,11 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
         torch.set_num_threads(threads)
 
     task = make_task(config, data_dir)
+    if model_kind(model_name) != task.kind:
+        raise ValueError(f"model {model_name!r} trains on {model_kind(model_name)} data, but dataset "
+                         f"{config.dataset!r} is a {task.kind} task")
     config = replace(config, **task.config_updates())
-    identity = {'task': task.kind, 'model': model_name, 'activation': activation, 'trial': trial,
-                'vary': vary, 'seeds': seeds, 'config': config.to_dict()}
+    identity = trial_identity(task, model_name, activation, trial, vary, config)
     state = existing_trial(json_path, identity)
     if state == 'done' and not force:
         with open(json_path) as f:
@@ -379,6 +391,8 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
     }
     if hasattr(model, 'trial_metrics'):
         metrics.update(model.trial_metrics())
+    if hasattr(task, 'trial_metrics'):
+        metrics.update(task.trial_metrics(step_model, dev, amp))
 
     # predictions first, then the JSON that marks the trial done
     arrays = {'probs': probs, 'eval_indices': task.eval_indices,
