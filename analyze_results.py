@@ -28,11 +28,14 @@ import numpy as np
 
 import metrics
 import plot_utils
+import routing_metrics
 from config import Parser
 
 SCHEMA_VERSION = 1
-TRIAL_METRICS = ('train_loss', 'val_loss', 'val_accuracy', 'token_accuracy', 'training_time',
+TRIAL_METRICS = ('train_loss', 'val_loss', 'perplexity', 'val_accuracy', 'token_accuracy', 'training_time',
                  'total_time', 'tokens_per_sec')
+# mixture-of-experts trials (switchlm) also record these (see moe.py); summarised when present
+MOE_METRICS = ('moe_dropped_fraction', 'moe_router_entropy', 'moe_aux_loss', 'moe_z_loss')
 REQUIRED_METRICS = ('train_loss', 'val_loss', 'val_accuracy', 'training_time')
 SEED_KEYS = ('init', 'data', 'dropout')  # the seeds that drive randomness; trial_seed is a label
 # Two predictions count as identical when no probability differs by more than this: float32
@@ -106,7 +109,9 @@ def load_trial(path, study_dir):
         raise BadFile(f"{pf} does not match predictions_sha256 (truncated or changed after the trial wrote it)")
     try:
         with np.load(io.BytesIO(npz), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in ('probs', 'eval_indices', 'targets')}  # other arrays: not read
+            arrays = {k: z[k] for k in ('probs', 'eval_indices', 'targets')}
+            # a mixture-of-experts trial's first-choice experts [n_eval, moe_layers, T]
+            routing = z['routing'] if 'routing' in z.files else None
     except Exception as e:  # a corrupt archive fails in zipfile, zlib or numpy: any of them = unusable
         raise BadFile(f"{pf} cannot be loaded ({type(e).__name__}: {e})")
     probs = arrays['probs']
@@ -117,6 +122,10 @@ def load_trial(path, study_dir):
     for k in ('eval_indices', 'targets'):
         if arrays[k].shape != (len(probs),):
             raise BadFile(f"{pf}: {k} has shape {arrays[k].shape}, expected ({len(probs)},)")
+    if routing is not None and (routing.ndim < 2 or len(routing) != len(probs)
+                                or not np.issubdtype(routing.dtype, np.integer) or (routing < 0).any()):
+        raise BadFile(f"{pf}: routing should be non-negative expert indices [n_eval, layers, ...], "
+                      f"got {routing.dtype} {routing.shape}")
     h = rec.get('history')
     curves_ok = isinstance(h, dict) and all(
         isinstance(h.get(k), list) and len(h[k]) == len(h.get('iter') or [None]) and all(map(_finite, h[k]))
@@ -125,7 +134,7 @@ def load_trial(path, study_dir):
         rec['history'] = None
     return {'model': model, 'activation': activation, 'trial': rec['trial'], 'history_ok': curves_ok,
             'name': f"{model}/{activation}/trial_{rec['trial']}", 'record': rec, 'eval_hash': rec['eval_hash'],
-            **arrays,
+            **arrays, 'routing': routing,
             'files': [{'path': rel, 'sha256': _sha256(raw)},
                       {'path': os.path.join(os.path.dirname(rel), pf), 'sha256': rec['predictions_sha256']}]}
 
@@ -189,8 +198,11 @@ def summarize_group(model, activation, trials, warnings):
         rows.append({'trial_id': t['trial'], **{k: m.get(k) for k in TRIAL_METRICS},
                      'n_params': m.get('n_params'), 'peak_memory_mb': m.get('peak_memory_mb'),
                      'seeds': r.get('seeds'), 'history': r.get('history')})
+    moe = [k for k in MOE_METRICS if all(_finite(r['metrics'].get(k)) for r in recs)]
+    for t, row in zip(trials, rows):
+        row.update({k: t['record']['metrics'][k] for k in moe})
     stats = {}
-    for k in TRIAL_METRICS:
+    for k in TRIAL_METRICS + tuple(moe):
         values = [row[k] for row in rows]
         stats[k] = metrics.describe(values) if all(_finite(v) for v in values) else None
     entry = {
@@ -201,7 +213,7 @@ def summarize_group(model, activation, trials, warnings):
         'avg_val_loss': stats['val_loss']['mean'], 'std_val_loss': stats['val_loss']['std'],
         'avg_val_accuracy': stats['val_accuracy']['mean'], 'avg_relative_pd': None,
         'avg_training_time': stats['training_time']['mean'],
-        'trial_stats': stats, 'pairwise': None, 'error': None,
+        'trial_stats': stats, 'pairwise': None, 'routing_agreement': None, 'error': None,
     }
     name = f"{model}/{activation}"
     for key in ('config', 'vary', 'task'):
@@ -223,6 +235,7 @@ def summarize_group(model, activation, trials, warnings):
             'std': float(v.std(ddof=1)) if len(v) >= 2 else None,
             'ci': ci, 'ci_note': None if ci else metrics.no_interval(n)}
     entry['avg_relative_pd'] = entry['pairwise']['relative_pd']['mean']
+    entry['routing_agreement'] = routing_agreement(name, trials, ids, warnings)
     entry['reproducibility_metrics'] = [
         {'model_pair': ids[p].tolist(), 'relative_pd': float(values['relative_pd'][k]),
          'prediction_differences': int(values['prediction_differences'][k]), 'total_predictions': entry['n_eval']}
@@ -234,6 +247,35 @@ def summarize_group(model, activation, trials, warnings):
             warnings.append(f"{name}: trials {ids[a]} and {ids[b]} give identical predictions although their "
                             f"seeds differ ({sa} vs {sb}) — seeds not applied")
     return entry
+
+
+def routing_agreement(name, trials, ids, warnings):
+    """Routing agreement between every pair of a group's trials (routing_metrics.py: experts
+    matched by a maximum-weight assignment on co-routing counts), with mean, std and bootstrap
+    CI over trials like the PD; None for trials without routing (not mixture-of-experts)."""
+    have = [t['routing'] is not None for t in trials]
+    if not any(have):
+        return None
+    if not all(have):
+        warnings.append(f"{name}: only {sum(have)} of {len(trials)} trials saved routing; no routing agreement")
+        return None
+    if len(trials) < 2:
+        return None
+    n_experts = (trials[0]['record'].get('config') or {}).get('n_experts')
+    try:
+        r = routing_metrics.pairwise_routing_agreement([t['routing'] for t in trials], n_experts)
+    except ValueError as e:
+        warnings.append(f"{name}: no routing agreement ({e})")
+        return None
+    pairs = np.array([(i, j) for i, j, _ in r['pairs']])
+    v = np.array([a for _, _, a in r['pairs']])
+    ci = metrics.bootstrap_pairwise_ci(metrics.pair_matrix(len(trials), pairs, v))
+    return {'pairs': ids[pairs].tolist(), 'values': v.tolist(), 'mean': r['mean'],
+            'std': float(v.std(ddof=1)) if len(v) >= 2 else None, 'ci': ci,
+            'ci_note': None if ci else metrics.no_interval(len(trials)),
+            'per_layer_mean': r['per_layer_mean'], 'chance_mean': r['chance_mean'],
+            'method': 'fraction of evaluation tokens whose first-choice experts match after matching '
+                      'experts by linear_sum_assignment on co-routing counts; mean over MoE layers'}
 
 
 def sanity_trials(trials, warnings):
@@ -440,6 +482,21 @@ def render_report(s):
             cells = [_num(r['pairwise'][m]['mean']) if r['pairwise'] and r['pairwise'][m]['mean'] is not None else '—'
                      for m in others]
             out.append(f"| {r['activation']} | " + " | ".join(cells) + " |")
+        moe = [r for r in results if r.get('routing_agreement') or (r['trial_stats'] or {}).get('moe_dropped_fraction')]
+        if moe:
+            out += ["", "Mixture of experts: routing agreement between trials (fraction of evaluation tokens sent "
+                    "to the same expert after matching experts across the two trials; 1 = identical routing; "
+                    "'chance' = the same with one trial's tokens shuffled), next to the PD and the routing "
+                    "statistics of the evaluation set (means over trials):", "",
+                    "| activation | routing agreement [95% CI] | chance | relative PD | perplexity | "
+                    "dropped tokens | router entropy (nats) |", "|---|---|---|---|---|---|---|"]
+            for r in moe:
+                ra, st = r.get('routing_agreement'), r['trial_stats']
+                agree = f"{_num(ra['mean'])} {_ci(ra['ci'])}" if ra else '—'
+                mean = lambda k: _num((st.get(k) or {}).get('mean'))  # noqa: E731
+                out.append(f"| {r['activation']} | {agree} | {_num(ra['chance_mean']) if ra else '—'} | "
+                           f"{_num(r['avg_relative_pd'])} | {mean('perplexity')} | {mean('moe_dropped_fraction')} | "
+                           f"{mean('moe_router_entropy')} |")
         cmp = [c for c in s['comparisons'] if c['model'] == model]
         if cmp:
             out += ["", f"Against {s['baseline']}: difference in mean relative PD (activation − {s['baseline']}), "

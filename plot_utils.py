@@ -255,6 +255,35 @@ def pd_heatmap(summary):
     return fig
 
 
+def routing_agreement(summary, colors):
+    """Mixture-of-experts groups: routing agreement between trials (bars, 95% CI lines, chance
+    level as a dashed tick) and, beside it, routing agreement against relative PD per group."""
+    rows = [r for r in summary['results'] if r.get('routing_agreement')]
+    fig = Figure(figsize=(12, 4.5))
+    ax, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for k, r in enumerate(rows):
+        ra, c = r['routing_agreement'], colors[r['activation']]
+        ax.bar(k, ra['mean'], color=c)
+        if ra.get('ci'):
+            ax.plot([k, k], ra['ci'], color='black', marker='_', markersize=8, linewidth=1.2)
+        ax.plot([k - 0.4, k + 0.4], [ra['chance_mean']] * 2, color='black', linestyle='--', linewidth=1)
+        pd, ci = _metric(r, 'relative_pd')
+        if pd is not None:
+            ax2.errorbar(ra['mean'], pd, yerr=None if not ci else [[pd - ci[0]], [ci[1] - pd]], color=c,
+                         marker='o', markeredgecolor='black', capsize=3)
+            ax2.annotate(f"{r['model_name']}/{r['activation']}", (ra['mean'], pd), fontsize=7,
+                         xytext=(4, 4), textcoords='offset points')
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['model_name']}/{r['activation']}" for r in rows], rotation=45, ha='right', fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel('routing agreement between trials')
+    ax.set_title('routing agreement (lines: 95% CI; dashed: chance)', fontsize=10)
+    ax2.set_xlabel('routing agreement')
+    ax2.set_ylabel('mean relative PD')
+    ax2.set_title('prediction difference vs routing agreement', fontsize=10)
+    return fig
+
+
 def activation_functions(names):
     """Each activation and its derivative on [-3, 3]; gated ones show their gate function.
     Names without a numpy formula are listed in the title rather than guessed."""
@@ -319,6 +348,8 @@ def figures(summary):
     figs['accuracy_vs_relative_pd.png'] = accuracy_vs_pd(summary, colors)
     figs['relative_pd_heatmap.png'] = pd_heatmap(summary)
     figs['activation_functions.png'] = activation_functions([r['activation'] for r in summary['results']])
+    if any(r.get('routing_agreement') for r in summary['results']):
+        figs['routing_agreement.png'] = routing_agreement(summary, colors)
     return figs
 
 

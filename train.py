@@ -381,6 +381,7 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
     metrics = {
         'train_loss': final['train'], 'val_loss': final['val'],
         'val_accuracy': val_acc, 'token_accuracy': token_acc,
+        'perplexity': math.exp(final['val']) if task.kind == 'lm' else None,  # exp(val loss in nats)
         'training_time': training_time, 'eval_time': eval_time,
         'tokens_per_sec': iters_done * config.grad_accum_steps * task.tokens_per_batch(config.batch_size)
                           / max(1e-9, training_time - eval_time),

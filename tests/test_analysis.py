@@ -41,7 +41,7 @@ def write_trial(study, model, act, k, probs=None, eval_hash=HASH, vary='all', se
     npz = folder / f'trial_{k}.npz'
     np.savez(npz, probs=probs, targets=targets,
              eval_indices=np.arange(len(probs)) if eval_indices is None else eval_indices,
-             routing=np.zeros((len(probs), 2)))  # an array the analysis does not know: ignored
+             extra_array=np.zeros((len(probs), 2)))  # an array the analysis does not know: ignored
     s = 42 + k
     rec = {
         'schema_version': 1, 'source': 'measured', 'task': task, 'study': study.name,
@@ -389,3 +389,54 @@ def test_numpy_activations_match_the_torch_ones():
         y.sum().backward()
         np.testing.assert_allclose(f(x), y.detach().numpy(), atol=1e-10, err_msg=name)
         np.testing.assert_allclose(df(x), xt.grad.numpy(), atol=1e-10, err_msg=name)
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+
+def test_routing_agreement_in_summary_report_and_plot(tmp_path):
+    """Trials that save routing get a routing agreement: 1 for a relabelled copy of the same
+    routing, chance-level for unrelated routings; a malformed routing array is a bad file."""
+    study = tmp_path / 'moe'
+    rng = np.random.default_rng(0)
+    same = rng.integers(0, 4, size=(N_EVAL, 2, 5))
+    for k in range(3):
+        write_trial(study, 'switchlm', 'relu', k)
+        write_trial(study, 'switchlm', 'gelu', k)
+        # relu: trial k routes exactly like trial 0 with its experts renamed by a permutation
+        routings = {'relu': np.roll(np.arange(4), k)[same], 'gelu': rng.integers(0, 4, size=(N_EVAL, 2, 5))}
+        for act, routing in routings.items():
+            npz = study / 'switchlm' / act / f'trial_{k}.npz'
+            with np.load(npz) as z:
+                arrays = dict(z)
+            np.savez(npz, **arrays, routing=routing.astype(np.int16))
+            rec_path = study / 'switchlm' / act / f'trial_{k}.json'
+            rec = json.loads(rec_path.read_text())
+            rec['predictions_sha256'] = hashlib.sha256(npz.read_bytes()).hexdigest()
+            rec['config']['n_experts'] = 4
+            rec['metrics'].update(moe_dropped_fraction=0.1, moe_router_entropy=1.2, moe_aux_loss=1.0, moe_z_loss=0.5)
+            rec_path.write_text(json.dumps(rec))
+    s = analyze_results.analyze(str(study), verbose=False)
+    relu, gelu = entry(s, 'switchlm', 'relu'), entry(s, 'switchlm', 'gelu')
+    assert relu['routing_agreement']['values'] == pytest.approx([1.0] * 3)
+    assert relu['routing_agreement']['ci'] == pytest.approx([1.0, 1.0])
+    g = gelu['routing_agreement']
+    assert len(g['values']) == 3 and g['mean'] < 0.5 and abs(g['mean'] - g['chance_mean']) < 0.1
+    assert relu['trial_stats']['moe_dropped_fraction']['mean'] == pytest.approx(0.1)
+    report = (study / 'REPORT.md').read_text()
+    assert 'routing agreement' in report and '| relu | 1.0000 [1.0000, 1.0000] |' in report
+    assert (study / 'plots' / 'routing_agreement.png').stat().st_size > 0
+    # trials without routing (dense models) get no routing entry and no plot
+    plain = analyze_results.build_summary(str(make_study(tmp_path, 'dense', models=('minigpt',), acts=('relu',))))
+    assert plain['results'][0]['routing_agreement'] is None
+    # a routing array that is not integer expert indices makes the file unusable, loudly
+    npz = study / 'switchlm' / 'gelu' / 'trial_2.npz'
+    with np.load(npz) as z:
+        arrays = dict(z)
+    arrays['routing'] = arrays['routing'].astype(np.float32)
+    np.savez(npz, **arrays)
+    rec_path = study / 'switchlm' / 'gelu' / 'trial_2.json'
+    rec = json.loads(rec_path.read_text())
+    rec['predictions_sha256'] = hashlib.sha256(npz.read_bytes()).hexdigest()
+    rec_path.write_text(json.dumps(rec))
+    s2 = analyze_results.build_summary(str(study))
+    assert any('trial_2.json' in b['path'] and 'routing' in b['reason'] for b in s2['bad_files'])

@@ -293,3 +293,22 @@ def test_a_planted_nan_stops_the_trial_with_a_training_error(tiny_config, tmp_pa
     with pytest.raises(train.TrainingError, match='non-finite training loss nan at iteration 3'):
         run(tiny_config, tmp_path)
     assert not glob.glob(str(tmp_path / 'results' / '**' / '*.json'), recursive=True)
+
+
+def test_switchlm_study_is_analysed_with_routing_agreement_next_to_pd(tiny_config, tmp_path):
+    """Three real switchlm trials through the analysis: routing agreement per pair with a CI,
+    the routing statistics and perplexity summarised, the report table and the plot written."""
+    import analyze_results
+    for k in range(3):
+        run(tiny_config, tmp_path, k)
+    study = tmp_path / 'results' / 's'
+    s = analyze_results.analyze(str(study), verbose=False)
+    r = s['results'][0]
+    ra = r['routing_agreement']
+    assert len(ra['values']) == 3 and all(0 < v <= 1 for v in ra['values']) and ra['ci'] is not None
+    assert len(ra['per_layer_mean']) == len(moe.moe_layer_indices(tiny_config.n_layer, tiny_config.moe_every))
+    assert r['trial_stats']['moe_router_entropy']['mean'] > 0
+    assert r['trial_stats']['perplexity']['mean'] == pytest.approx(
+        np.mean([math.exp(t['val_loss']) for t in r['trials']]))
+    assert 'routing agreement' in (study / 'REPORT.md').read_text()
+    assert (study / 'plots' / 'routing_agreement.png').stat().st_size > 0
