@@ -18,15 +18,13 @@ as in a trial) and an evaluation forward of one batch, after warm-up steps.
 """
 import os
 import sys
-import time
-from contextlib import nullcontext
 from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-import train  # noqa: E402
 from activations import FeedForward  # noqa: E402
+from bench_train import time_model  # noqa: E402
 from config import Parser, add_config_args, config_from_args  # noqa: E402
 from model import _gpt2_init  # noqa: E402
 from model_factories import build_model, count_parameters  # noqa: E402
@@ -57,26 +55,6 @@ def matched_minigpt(activation, config, seed=0):
                 mlp.apply(_gpt2_init)
                 model.blocks[i].mlp = mlp
     return model
-
-
-def time_model(model, config, task, steps, warmup=3):
-    opt = train.make_optimizer(model, config, torch.device('cpu'))
-    stream = task.train_batches(config.batch_size, torch.Generator().manual_seed(0))
-    model.train()
-    for _ in range(warmup):
-        train.train_step(model, opt, [next(stream)], config, nullcontext())
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        train.train_step(model, opt, [next(stream)], config, nullcontext())
-    step = (time.perf_counter() - t0) / steps
-    x, y = task.get_batch('val', config.batch_size, torch.Generator().manual_seed(1))
-    model.eval()
-    with torch.inference_mode():
-        model(x, y)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            model(x, y)
-    return step, (time.perf_counter() - t0) / steps
 
 
 def main():

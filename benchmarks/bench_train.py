@@ -24,10 +24,12 @@ from model_factories import MODEL_NAMES, build_model  # noqa: E402
 from prepare_data import make_task  # noqa: E402
 
 
-def time_steps(model_name, activation, config, task, steps, warmup=3):
-    model = build_model(model_name, activation, config, seed=0)
+def time_model(model, config, task, steps, warmup=3):
+    """(seconds per training step, seconds per evaluation forward of one batch) of `model`
+    after `warmup` steps: a full step (forward, backward, fused AdamW; dropout on)."""
     opt = train.make_optimizer(model, config, torch.device('cpu'))
     stream = task.train_batches(config.batch_size, torch.Generator().manual_seed(0))
+    model.train()
     for _ in range(warmup):
         train.train_step(model, opt, [next(stream)], config, nullcontext())
     t0 = time.perf_counter()
@@ -64,7 +66,7 @@ def main():
           f"torch {torch.__version__}")
     print(f"{'model':16s} {'ms/iter':>9s} {'tokens/s':>10s} {'eval ms/batch':>14s} {'trial all-in s':>15s} {'val loss':>9s}")
     for name in args.models:
-        step, fwd = time_steps(name, args.activation, config, task, args.steps)
+        step, fwd = time_model(build_model(name, args.activation, config, seed=0), config, task, args.steps)
         tokens = config.batch_size * config.block_size
         trial = ''
         if name in all_in:
