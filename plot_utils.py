@@ -269,7 +269,9 @@ def routing_agreement(summary, colors):
         ax.plot([k - 0.4, k + 0.4], [ra['chance_mean']] * 2, color='black', linestyle='--', linewidth=1)
         pd, ci = _metric(r, 'relative_pd')
         if pd is not None:
-            ax2.errorbar(ra['mean'], pd, yerr=None if not ci else [[pd - ci[0]], [ci[1] - pd]], color=c,
+            rci = ra.get('ci')
+            ax2.errorbar(ra['mean'], pd, yerr=None if not ci else [[pd - ci[0]], [ci[1] - pd]],
+                         xerr=None if not rci else [[ra['mean'] - rci[0]], [rci[1] - ra['mean']]], color=c,
                          marker='o', markeredgecolor='black', capsize=3)
             ax2.annotate(f"{r['model_name']}/{r['activation']}", (ra['mean'], pd), fontsize=7,
                          xytext=(4, 4), textcoords='offset points')
@@ -280,7 +282,7 @@ def routing_agreement(summary, colors):
     ax.set_title('routing agreement (lines: 95% CI; dashed: chance)', fontsize=10)
     ax2.set_xlabel('routing agreement')
     ax2.set_ylabel('mean relative PD')
-    ax2.set_title('prediction difference vs routing agreement', fontsize=10)
+    ax2.set_title('relative PD vs routing agreement (bars: 95% CIs)', fontsize=10)
     return fig
 
 

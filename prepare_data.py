@@ -57,6 +57,9 @@ def download(url, dest, check):
         with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(url, timeout=60) as r:
             f.write(r.read())
         check(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):

@@ -76,6 +76,9 @@ def atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; results are shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

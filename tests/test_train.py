@@ -202,6 +202,11 @@ def test_trial_record_and_predictions(tiny_config, tmp_path):
     assert all(g is not None for g in r['history']['grad_norm'][1:]), "gradient norm logged at eval points"
     npz_path = train.trial_path(str(tmp_path / 'results'), 's', 'minigpt', 'gelu', 2, 'npz')
     assert hashlib.sha256(open(npz_path, 'rb').read()).hexdigest() == r['predictions_sha256']
+    # atomic writes go through a private temp file; the result gets a normal file's mode
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (npz_path, npz_path[:-3] + 'json'):
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, path
 
 
 def test_finished_trial_is_reused_and_a_different_one_never_overwritten(tiny_config, tmp_path):
