@@ -686,6 +686,9 @@ def dry_run(plan):
     elif known:
         total = sum(known)
         line = f"estimated time (an estimate of time only, not of any result): ~{_fmt_seconds(total)} of trial time"
+        if len(known) < len(per):  # a partial sum must not read as the whole sweep's time
+            line += (f" for the {len(known)} of {len(per)} trials to run that have a figure "
+                     f"({len(per) - len(known)} more without one)")
         if plan['workers'] and plan['workers'] > 1:
             line += (f", roughly {_fmt_seconds(total / plan['workers'])} wall time with {plan['workers']} "
                      f"workers if parallel trials do not slow each other down")

@@ -379,3 +379,4 @@ def test_dry_run_estimate_from_benchmark_figures(reference, corpus, tmp_path, mo
     assert out.count('~30 s') == 4 and out.count('no estimate') == 4  # minigpt: figure; charlm: none
     assert '~2.0 min of trial time' in out and 'roughly 60 s wall time with 2 workers' in out
     assert f'1 earlier trial(s) with the same config in {figures}' in out and '4 with no figure' in out
+    assert 'for the 4 of 8 trials to run that have a figure (4 more without one)' in out
