@@ -31,6 +31,7 @@ DATA_DIR_ENV = 'REPRO_DATA_DIR'
 SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 SHAKESPEARE_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
 BUILTIN_TEXT = ('shakespeare_char',)
+CLASSIFICATION = ('mnist', 'mnist1d')  # flat-input classification tasks (mnist.py)
 
 
 class DataError(Exception):
@@ -134,7 +135,7 @@ def corpus_path(dataset, directory=None):
         return shakespeare_path(directory)
     if os.path.isfile(dataset):
         return os.path.abspath(dataset)
-    raise DataError(f"unknown dataset {dataset!r}: give one of {', '.join(BUILTIN_TEXT)} "
+    raise DataError(f"unknown dataset {dataset!r}: give one of {', '.join(BUILTIN_TEXT + CLASSIFICATION)} "
                     f"or the path of an existing UTF-8 text file")
 
 
@@ -190,7 +191,7 @@ class CharTask:
 
 def make_task(config, directory=None):
     """The Task for config.dataset: mnist / mnist1d classification (mnist.py), else text."""
-    if config.dataset in ('mnist', 'mnist1d'):
+    if config.dataset in CLASSIFICATION:
         from mnist import ClassificationTask  # imported here: mnist.py imports this module
         return ClassificationTask(config, directory)
     return CharTask(config, directory)

@@ -146,7 +146,7 @@ def test_bad_text_inputs(tmp_path, tiny_config):
     short.write_text('abc' * 10)
     with pytest.raises(DataError, match='too few'):
         make_task(replace(tiny_config, dataset=str(short)))
-    with pytest.raises(DataError, match='shakespeare_char'):
+    with pytest.raises(DataError, match='shakespeare_char, mnist, mnist1d or the path'):
         make_task(replace(tiny_config, dataset=str(tmp_path / 'missing.txt')))
 
 
