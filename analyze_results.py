@@ -30,6 +30,7 @@ import metrics
 import plot_utils
 import routing_metrics
 from config import Parser
+from fileio import atomic_write
 
 SCHEMA_VERSION = 1
 TRIAL_METRICS = ('train_loss', 'val_loss', 'perplexity', 'val_accuracy', 'token_accuracy', 'training_time',
@@ -547,7 +548,7 @@ def json_safe(obj):
 
 
 def write_text(path, text):
-    plot_utils.atomic_write(path, lambda f: f.write(text.encode('utf-8')))
+    atomic_write(path, lambda f: f.write(text.encode('utf-8')))
 
 
 def write_json(path, obj):

@@ -72,6 +72,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from activations import Activation, check_activation, gated_hidden
+from fileio import atomic_write, write_json
 from prepare_data import DATA_DIR_ENV, DataError, data_dir, download
 
 # ----------------------------------------------------------------------------- constants
@@ -257,7 +258,6 @@ def load_mnist1d(directory=None):
     if arrays is None:
         arrays, info = generate_mnist1d()
         digest = _arrays_sha256(arrays)
-        from train import atomic_write
         try:
             atomic_write(path, lambda f: np.savez(f, sha256=np.array(digest), info=np.array(json.dumps(info)),
                                                  **arrays))
@@ -846,7 +846,6 @@ def _nan(x):
 def write_outputs(summary, out_dir, plots=True):
     """summary.json, REPORT.md and (if plots) plots/*.png in out_dir, each atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from train import atomic_write, write_json
     write_json(os.path.join(out_dir, 'summary.json'), summary)
     atomic_write(os.path.join(out_dir, 'REPORT.md'), lambda f: f.write(report_section(summary).encode()))
     if plots:

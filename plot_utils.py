@@ -11,7 +11,6 @@ replaces no existing plot.
 import math
 import os
 import re
-import tempfile
 
 import numpy as np
 from matplotlib import colormaps
@@ -20,26 +19,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from scipy.special import erf
 
+from fileio import atomic_write
+
 # ----------------------------------------------------------------------------- files
-
-def atomic_write(path, write):
-    """Write through write(file) to a temp file in path's folder, then rename over path:
-    readers see the old file or the whole new one, never a half-written one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path), suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
 
 def save_figure(fig, path):
     FigureCanvasAgg(fig)  # the Agg canvas: headless rendering

@@ -20,11 +20,12 @@ import functools
 import hashlib
 import os
 import sys
-import tempfile
 import urllib.request
 
 import numpy as np
 import torch
+
+from fileio import atomic_write
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR_ENV = 'REPRO_DATA_DIR'
@@ -52,19 +53,9 @@ def sha256_file(path):
 
 def download(url, dest, check):
     """Download url to dest atomically; `check(tmp_path)` raises DataError if it is wrong."""
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(url, timeout=60) as r:
-            f.write(r.read())
-        check(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with urllib.request.urlopen(url, timeout=60) as r:
+        data = r.read()
+    atomic_write(dest, lambda f: f.write(data), check)
 
 
 def shakespeare_path(directory=None, fetch=True):

@@ -324,7 +324,7 @@ def append_failure(path, record):
 
 
 def stray_temp_files(study_dir):
-    """Temp files of train.atomic_write (.trial_<k>.<ext>XXXX.tmp) left by a killed run."""
+    """Temp files of fileio.atomic_write (.trial_<k>.<ext>XXXX.tmp) left by a killed run."""
     return sorted(glob.glob(os.path.join(study_dir, '*', '*', '.trial_*.tmp')))
 
 

@@ -26,7 +26,6 @@ import resource
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from contextlib import nullcontext
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from config import Config, Parser, add_config_args, config_from_args
+from fileio import atomic_write, write_json
 from model_factories import build_model, check_activation, check_model, count_parameters, model_kind
 from prepare_data import DataError, make_task, sha256_file
 
@@ -64,30 +64,6 @@ def trial_seeds(seed_base, trial, vary):
 
 def trial_path(results_dir, study, model, activation, trial, ext='json'):
     return os.path.join(results_dir, study, model, activation, f'trial_{trial}.{ext}')
-
-
-def atomic_write(path, write):
-    """Write through `write(file)` to a temp file beside `path`, then rename: readers see
-    the old file or the complete new one, never a half-written one."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix='.' + os.path.basename(path), suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; results are shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_json(path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def trial_identity(task, model_name, activation, trial, vary, config):
