@@ -3,56 +3,61 @@ Every hyper-parameter in one dataclass, the named presets of the original study,
 command-line flags (one per field, same name) shared by train.py and run_all_experiments.py.
 """
 import argparse
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+
+
+def _f(default, help):
+    """A Config field with its one-line description (shown by --help)."""
+    return field(default=default, metadata={'help': help})
 
 
 @dataclass
 class Config:
     # model
-    n_layer: int = 2
-    n_embd: int = 128
-    n_head: int = 4
-    block_size: int = 128
-    dropout: float = 0.2
-    bias: bool = True            # biases in Linear, LayerNorm, LSTM and conv layers (GPT-2 has them)
-    vocab_size: int = 0          # 0: taken from the data (65 for Tiny Shakespeare)
+    n_layer: int = _f(2, 'blocks: transformer / LSTM / convolution layers')
+    n_embd: int = _f(128, 'embedding and hidden width')
+    n_head: int = _f(4, 'attention heads (n_embd must be divisible by it)')
+    block_size: int = _f(128, 'context length in characters (training windows and the evaluation windows)')
+    dropout: float = _f(0.2, 'dropout on residual branches and feed-forwards, in [0, 1)')
+    bias: bool = _f(True, 'biases in Linear, LayerNorm, LSTM and conv layers (GPT-2 has them)')
+    vocab_size: int = _f(0, 'output classes; 0: taken from the data (65 for Tiny Shakespeare)')
     # mixture of experts (switchlm only; every other model ignores these; see moe.py)
-    n_experts: int = 4             # experts per Switch layer
-    top_k: int = 1                 # experts per token: 1 (Switch) or 2
-    capacity_factor: float = 1.25  # slots per expert per sequence = ceil(cf * top_k * block_size / n_experts)
-    moe_every: int = 1             # every moe_every-th block is a Switch layer (1: all)
-    router_init_scale: float = 0.01  # router init std = router_init_scale * 0.02 (100x smaller)
-    router_jitter: float = 0.0     # training: router input *= U(1-eps, 1+eps) from the dropout RNG
-    aux_loss_coef: float = 0.01    # Switch load-balancing loss weight
-    z_loss_coef: float = 0.001     # ST-MoE router z-loss weight
+    n_experts: int = _f(4, 'switchlm: experts per Switch layer')
+    top_k: int = _f(1, 'switchlm: experts per token, 1 (Switch) or 2')
+    capacity_factor: float = _f(1.25, 'switchlm: expert slots = ceil(cf * top_k * block_size / n_experts)')
+    moe_every: int = _f(1, 'switchlm: every moe_every-th block is a Switch layer (1: all)')
+    router_init_scale: float = _f(0.01, 'switchlm: router init std = router_init_scale * 0.02')
+    router_jitter: float = _f(0.0, 'switchlm: training router input *= U(1-eps, 1+eps) from the dropout RNG')
+    aux_loss_coef: float = _f(0.01, 'switchlm: load-balancing loss weight')
+    z_loss_coef: float = _f(0.001, 'switchlm: router z-loss weight (ST-MoE)')
     # feed-forward classifier (ffn only; the language models ignore these; see mnist.py)
-    hidden: int = 16               # ungated hidden width (gated activations: round(2/3 hidden))
-    depth: int = 1                 # hidden layers
-    n_inputs: int = 0              # input features; 0: taken from the data (784 mnist, 40 mnist1d)
+    hidden: int = _f(16, 'ffn: ungated hidden width (gated activations: round(2/3 hidden))')
+    depth: int = _f(1, 'ffn: hidden layers')
+    n_inputs: int = _f(0, 'ffn: input features; 0: taken from the data (784 mnist, 40 mnist1d)')
     # data
-    dataset: str = 'shakespeare_char'  # shakespeare_char, mnist, mnist1d, or a path to any UTF-8 text file
+    dataset: str = _f('shakespeare_char', 'shakespeare_char, mnist, mnist1d, or the path of any UTF-8 text file')
     # optimisation (AdamW)
-    batch_size: int = 32
-    max_iters: int = 200
-    epochs: int = 0                # classification: passes over the training split, sets max_iters (0: off)
-    learning_rate: float = 3e-4
-    lr_schedule: str = 'constant'  # constant | cosine
-    warmup_iters: int = 0          # cosine: linear warmup steps
-    lr_decay_iters: int = 0        # cosine: steps to reach min_lr (0: max_iters)
-    min_lr: float = 0.0            # cosine: floor of the schedule
-    weight_decay: float = 0.0      # decoupled, on matrices only (not biases, norms, embeddings)
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 0.0         # clip the global gradient norm to this (0: off)
-    grad_accum_steps: int = 1      # micro-batches of batch_size per optimizer step
-    early_stop_patience: int = 0   # stop after this many evals without a better val loss (0: off)
+    batch_size: int = _f(32, 'sequences (examples) per micro-batch')
+    max_iters: int = _f(200, 'optimizer steps per trial')
+    epochs: int = _f(0, 'classification: passes over the training split, sets max_iters (0: off)')
+    learning_rate: float = _f(3e-4, 'AdamW peak learning rate')
+    lr_schedule: str = _f('constant', 'constant | cosine')
+    warmup_iters: int = _f(0, 'cosine: linear warmup steps')
+    lr_decay_iters: int = _f(0, 'cosine: steps to reach min_lr (0: max_iters)')
+    min_lr: float = _f(0.0, 'cosine: floor of the schedule')
+    weight_decay: float = _f(0.0, 'AdamW decoupled weight decay, on matrices only (not biases, norms, embeddings)')
+    beta1: float = _f(0.9, 'AdamW beta1')
+    beta2: float = _f(0.999, 'AdamW beta2')
+    grad_clip: float = _f(0.0, 'clip the global gradient norm to this (0: off)')
+    grad_accum_steps: int = _f(1, 'micro-batches of batch_size per optimizer step')
+    early_stop_patience: int = _f(0, 'stop after this many evaluations without a better val loss (0: off)')
     # periodic loss estimates
-    eval_interval: int = 50
-    eval_iters: int = 50
+    eval_interval: int = _f(50, 'steps between train/val loss estimates')
+    eval_iters: int = _f(50, 'batches per split in each loss estimate')
     # reproducibility evaluation set and seeds
-    n_eval: int = 1000             # fixed validation windows whose predictions are saved
-    eval_seed: int = 1234          # picks those windows; independent of the trial seed
-    seed_base: int = 42            # trial k uses seed seed_base + k
+    n_eval: int = _f(1000, 'fixed validation windows whose predictions are saved and compared')
+    eval_seed: int = _f(1234, 'picks those windows and the loss-estimate batches; independent of the trial seed')
+    seed_base: int = _f(42, 'trial k uses seed seed_base + k')
 
     def validate(self):
         """Raise ValueError naming the problem; called before anything is allocated."""
@@ -158,15 +163,27 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def add_config_args(parser):
-    """--config PRESET plus one flag per Config field (--n_embd 64, --max_iters 10, ...)."""
+def preset_defaults(name):
+    """'default X' and the presets where it differs: 'default 128; gpu 256, gpu_full 384'."""
+    base = getattr(Config, name)
+    other = [f"{p} {v[name]}" for p, v in PRESETS.items() if name in v and v[name] != base]
+    return f"default {base}" + (f"; {', '.join(other)}" if other else '')
+
+
+def add_config_args(parser, only=None):
+    """--config PRESET plus one flag per Config field (--n_embd 64, --max_iters 10, ...);
+    `only`: just these fields (a tool that uses a few of them)."""
     parser.add_argument('--config', default='cpu', help="preset: " + ", ".join(preset_names()))
-    group = parser.add_argument_group('config overrides (default: the preset\'s value)')
+    group = parser.add_argument_group('config overrides (each defaults to the preset\'s value: the '
+                                      'cpu preset\'s, and the other presets\' where they differ)')
     for f in fields(Config):
+        if only is not None and f.name not in only:
+            continue
         kind = _bool if f.type is bool else f.type  # int('1e3') fails: a clear type error
-        group.add_argument(f'--{f.name}', type=kind, default=None, metavar=f.type.__name__.upper())
+        group.add_argument(f'--{f.name}', type=kind, default=None, metavar=f.type.__name__.upper(),
+                           help=f"{f.metadata['help']} ({preset_defaults(f.name)})")
 
 
 def config_from_args(args):
-    overrides = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
+    overrides = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
     return get_config(args.config, **overrides)

@@ -60,17 +60,97 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters())  # tied weights are counted once
 
 
+# ----------------------------------------------------------------------------- memory
+
+ACTIVATION_FLOATS = 34  # floats autograd keeps per token, per block, per unit of width (measured: 30-33)
+EVAL_BATCH = 256        # train.predict's batch
+
+
+def estimate_memory(model_name, activation, config):
+    """Rough peak bytes of one float32 trial, before anything is allocated: weights, gradients
+    and AdamW's two moments (16 bytes a parameter); what autograd keeps for one micro-batch
+    of batch_size x block_size (ACTIVATION_FLOATS x width per token per block, measured on
+    CPU for every model), with the logits and their gradient; one layer's attention scores
+    and probabilities as if materialised (fused kernels never do: an upper bound); the
+    evaluation pass (EVAL_BATCH windows, no autograd) where it needs more; the evaluation set.
+    To refuse a run that cannot fit, not to size one tightly."""
+    with torch.device('meta'):  # parameter count without allocating a byte
+        n_params = count_parameters(build_model(model_name, activation, config))
+    f, c = 4, config
+    if model_kind(model_name) == 'classification':  # flat inputs: one "token" per example
+        tokens, width, blocks, seq, scores = c.batch_size, max(c.hidden, c.n_inputs), c.depth, 1, 0
+    else:
+        tokens, width, seq = c.batch_size * c.block_size, c.n_embd, c.block_size
+        blocks = c.n_layer + (model_name == 'convlm')  # convlm: its attention block comes on top
+        scores = 0 if model_name == 'tinylstm' else 2 * c.batch_size * c.n_head * c.block_size ** 2 * f
+    activations = tokens * (ACTIVATION_FLOATS * width * blocks + 3 * c.vocab_size) * f
+    eval_pass = EVAL_BATCH * seq * (2 * c.vocab_size + 8 * width) * f
+    parts = {'parameters and optimizer': 16 * n_params, 'activations': activations, 'attention scores': scores,
+             'evaluation pass': eval_pass if eval_pass > activations + scores else 0,
+             'evaluation set': 2 * 8 * c.n_eval * seq}
+    total = parts['parameters and optimizer'] + max(activations + scores, eval_pass) + parts['evaluation set']
+    return {'n_params': n_params, 'parts': parts, 'total': total}
+
+
+def available_memory(device):
+    """Bytes this process can still use on `device`: CUDA's free memory; on CPU MemAvailable
+    (/proc/meminfo), capped by the cgroup's limit where one is set (containers, cluster
+    jobs). None where this system does not say."""
+    if device.type == 'cuda':
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open('/proc/meminfo') as fh:
+            avail = next(int(line.split()[1]) * 1024 for line in fh if line.startswith('MemAvailable:'))
+    except (OSError, StopIteration, ValueError):
+        return None
+    for limit, usage in (('/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory.current'),
+                         ('/sys/fs/cgroup/memory/memory.limit_in_bytes', '/sys/fs/cgroup/memory/memory.usage_in_bytes')):
+        try:
+            with open(limit) as a, open(usage) as b:
+                avail = min(avail, int(a.read()) - int(b.read()))
+            break
+        except (OSError, ValueError):  # no such cgroup file, or 'max' (no limit)
+            continue
+    return avail
+
+
+def check_memory(pairs, config, device, concurrent=1):
+    """Raise ValueError (one line, with the estimate) if `concurrent` trials of the largest
+    (model, activation) of `pairs` would not fit in `device`'s available memory. Returns
+    (estimate of that trial, available bytes or None where unknown)."""
+    estimates = {pair: estimate_memory(*pair, config) for pair in pairs}
+    (model, act), est = max(estimates.items(), key=lambda kv: kv[1]['total'])
+    avail = available_memory(device)
+    if avail is not None and concurrent * est['total'] > avail:
+        parts = ', '.join(f"{k} {_gb(v)}" for k, v in est['parts'].items() if v)
+        many = f"; {concurrent} at once: {_gb(concurrent * est['total'])}" if concurrent > 1 else ''
+        raise ValueError(f"not enough memory: a {model}/{act} trial needs about {_gb(est['total'])} ({parts}) at "
+                         f"batch_size {config.batch_size} x block_size {config.block_size}{many}; {device} has "
+                         f"{_gb(avail)} available. Lower block_size, batch_size or n_embd" +
+                         (", or --workers" if concurrent > 1 else ''))
+    return est, avail
+
+
+def _gb(n):
+    return f"{n / 2 ** 30:.1f} GB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MB"
+
+
+# the config fields that change a language model's parameter count: all this CLI takes
+COUNT_FIELDS = ('n_layer', 'n_embd', 'n_head', 'block_size', 'bias', 'vocab_size', 'n_experts', 'moe_every')
+
 if __name__ == '__main__':
     from dataclasses import replace
 
+    from cli import EXIT_USAGE, EXIT_HELP
     from config import Parser, add_config_args, config_from_args
-    parser = Parser(description='Parameter counts of every model x activation under a preset.')
-    add_config_args(parser)
+    parser = Parser(description='Parameter counts of every language model x activation under a preset.',
+                    epilog=EXIT_HELP)
+    add_config_args(parser, only=COUNT_FIELDS)
     args = parser.parse_args()
     try:
         config = config_from_args(args)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        parser.exit(EXIT_USAGE, f"error: {e}\n")
     config = replace(config, vocab_size=config.vocab_size or 65)  # Tiny Shakespeare's vocabulary
     names = [a for a in ACTIVATION_NAMES if a != 'silu']  # silu is an alias of swish
     print(f"parameters under preset {args.config!r} (vocab {config.vocab_size}, "
