@@ -17,6 +17,7 @@ trial's metrics, and `eval_extras()` -> dict of arrays for the last forward pass
 in the .npz beside the predictions. Optional task hook: `trial_metrics(model, device, amp)`
 -> dict merged into the metrics after training (a classifier's held-out test accuracy).
 """
+import argparse
 import datetime
 import json
 import math
@@ -34,9 +35,13 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from activations import ACTIVATION_NAMES
+from cli import (EXIT_FAILURE, EXIT_INTERRUPT, EXIT_USAGE, ProgressLog, check_writable, exit_help,
+                 os_error_message, stop_promptly_on_ctrl_c)
 from config import Config, Parser, add_config_args, config_from_args
 from fileio import atomic_write, write_json
-from model_factories import build_model, check_activation, check_model, count_parameters, model_kind
+from model_factories import (ALL_MODEL_NAMES, build_model, check_activation, check_memory, check_model,
+                             count_parameters, model_kind)
 from prepare_data import DataError, make_task, sha256_file
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -307,6 +312,7 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
     # on CUDA, reading the loss forces a sync: read it every 10 steps there, every step on CPU
     check_every = 10 if dev.type == 'cuda' else 1
     bar = _progress(config.max_iters, f"{model_name}/{activation} trial {trial}", progress)
+    log = ProgressLog(f"{model_name}/{activation} trial {trial}", config.max_iters, n_evaluations(config))
     t_train = time.time()
     it = 0
     while True:
@@ -347,6 +353,7 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
                 raise TrainingError(f"non-finite training loss {last_loss} at iteration {it}")
             bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
         bar.update(1)
+        log.update(it, last_loss, eval_time, len(history['iter']))
     bar.close()
     training_time = time.time() - t_train
     iters_done = it
@@ -395,6 +402,11 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
     return record
 
 
+def n_evaluations(config):
+    """Loss estimates in a trial that runs to max_iters: every eval_interval steps and at the end."""
+    return config.max_iters // config.eval_interval + 1 + bool(config.max_iters % config.eval_interval)
+
+
 class _NoBar:
     def set_postfix(self, *a, **k): pass
     def update(self, n): pass
@@ -436,11 +448,59 @@ def config_and_study(args):
     return config, args.study or args.config
 
 
+def preflight(args, config, study):
+    """Everything a train.py run can be refused for, checked before its first trial: the
+    data, device and dtype, results of another config, the results folder, memory.
+    Raises ValueError or DataError (usage errors) or OSError; returns the state of each
+    trial ('absent' or 'done'; 'done' ones are skipped unless --force)."""
+    dev = resolve_device(args.device)
+    autocast_dtype(args.dtype, dev)
+    # memory before the data: an impossible block_size makes GBs of evaluation windows. Without
+    # the data's class count this is a lower bound (the data only adds output classes)
+    check_memory([(args.model, args.activation)], lower_bound_config(config), dev)
+    task = make_task(config, args.data_dir)
+    if model_kind(args.model) != task.kind:
+        raise ValueError(f"model {args.model!r} trains on {model_kind(args.model)} data, but dataset "
+                         f"{config.dataset!r} is a {task.kind} task")
+    full = replace(config, **task.config_updates())
+    ks = range(args.first_trial, args.first_trial + args.trials)
+    states = [existing_trial(trial_path(args.results_dir, study, args.model, args.activation, k),
+                             trial_identity(task, args.model, args.activation, k, args.vary, full)) for k in ks]
+    if not args.force:
+        for k, state in zip(ks, states):
+            if state not in ('absent', 'done'):
+                raise ValueError(f"{trial_path(args.results_dir, study, args.model, args.activation, k)} exists "
+                                 f"and is {state}; use another --study or --results-dir, or --force to "
+                                 f"overwrite it")
+    to_run = sum(args.force or s != 'done' for s in states)
+    # each trial saves n_eval x classes float32 probabilities (and a JSON of a few 100 kB)
+    check_writable(os.path.join(args.results_dir, study, args.model, args.activation),
+                   need_bytes=to_run * (4 * full.n_eval * full.vocab_size + 2 ** 20))
+    if to_run:
+        check_memory([(args.model, args.activation)], full, dev)
+    return states
+
+
+def lower_bound_config(config):
+    """config with the sizes the data fixes (vocab_size, n_inputs) at 1 where not yet known:
+    for a memory estimate that can only grow once the data is read."""
+    return replace(config, vocab_size=config.vocab_size or 1, n_inputs=config.n_inputs or 1)
+
+
+EPILOG = f"""Names: --model {', '.join(ALL_MODEL_NAMES)};
+  --activation {', '.join(ACTIVATION_NAMES)}, or smelu_<beta> (e.g. smelu_0.25).
+Before the first trial, the data, device, dtype, results folder, memory (an estimate against
+what the device has available) and any saved result of another config are checked.
+{exit_help()}"""
+
+
 def main(argv=None):
-    parser = Parser(description='Train seeded trials of one model/activation pair.')
-    parser.add_argument('--model', required=True)
-    parser.add_argument('--activation', required=True)
-    parser.add_argument('--trials', type=int, default=3)
+    parser = Parser(description='Train seeded trials of one model/activation pair.', epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', required=True, metavar='NAME', help=f"one of {', '.join(ALL_MODEL_NAMES)}")
+    parser.add_argument('--activation', required=True, metavar='NAME',
+                        help=f"one of {', '.join(ACTIVATION_NAMES)}, or smelu_<beta>")
+    parser.add_argument('--trials', type=int, default=3, help='trials to train (default: 3)')
     parser.add_argument('--first-trial', type=int, default=0, help='train trials first..first+trials-1')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (default: all cores)')
     add_run_args(parser)
@@ -451,30 +511,45 @@ def main(argv=None):
         check_activation(args.activation)
         if args.trials < 1 or args.first_trial < 0:
             raise ValueError("--trials must be >= 1 and --first-trial >= 0")
-        resolve_device(args.device)
-    except ValueError as e:
-        parser.exit(2, f"error: {e}\n")
+        states = preflight(args, config, study)
+    except (ValueError, DataError) as e:
+        parser.exit(EXIT_USAGE, f"error: {' '.join(str(e).split())}\n")
+    except OSError as e:
+        parser.exit(EXIT_FAILURE, f"error: {os_error_message(e)}\n")
 
-    rows = []
-    for k in range(args.first_trial, args.first_trial + args.trials):
+    rows, trained = [], 0
+    for k, state in zip(range(args.first_trial, args.first_trial + args.trials), states):
+        name = f"{args.model}/{args.activation} trial {k}"
         try:
             r = run_trial(args.model, args.activation, k, config, args.results_dir, study, args.vary,
                           args.device, args.dtype, args.deterministic, args.compile, args.data_dir,
                           args.save_checkpoints, progress=True, force=args.force, threads=args.threads)
-        except (DataError, ValueError, FileExistsError, TrainingError) as e:
-            parser.exit(1, f"error: trial {k}: {e}\n")
+        except KeyboardInterrupt:
+            parser.exit(EXIT_INTERRUPT, f"interrupted: {name} stopped and left no result; {len(rows)} trial(s) "
+                                        f"done before it. Run the same command again to resume.\n")
+        except (DataError, ValueError, FileExistsError) as e:
+            parser.exit(EXIT_USAGE, f"error: {name}: {e}\n")
+        except TrainingError as e:
+            parser.exit(EXIT_FAILURE, f"error: {name}: {e}\n")
+        except OSError as e:
+            parser.exit(EXIT_FAILURE, f"error: {name}: {os_error_message(e)}\n")
         except Exception:
             traceback.print_exc()
-            parser.exit(1, f"error: trial {k} failed (traceback above)\n")
+            parser.exit(EXIT_FAILURE, f"error: {name} failed (traceback above)\n")
         m = r['metrics']
         rows.append(m)
-        print(f"{args.model}/{args.activation} trial {k}: val loss {m['val_loss']:.4f}  "
-              f"val acc {m['val_accuracy']:.4f}  train loss {m['train_loss']:.4f}  "
-              f"{m['total_time']:.1f}s all-in ({m['tokens_per_sec']:,.0f} tok/s)")
+        skipped = state == 'done' and not args.force
+        trained += not skipped
+        print(f"{name}: " + ("already done (skipped): " if skipped else '') +
+              f"val loss {m['val_loss']:.4f}  val acc {m['val_accuracy']:.4f}  train loss {m['train_loss']:.4f}  " +
+              (f"(saved {r['provenance'].get('finished_at', '?')[:19]})" if skipped else
+               f"{m['total_time']:.1f}s all-in ({m['tokens_per_sec']:,.0f} tok/s)"))
     vl = np.array([m['val_loss'] for m in rows])
-    print(f"{len(rows)} trial(s) in {os.path.join(args.results_dir, study, args.model, args.activation)}: "
+    print(f"{len(rows)} trial(s) ({trained} trained, {len(rows) - trained} already done) in "
+          f"{os.path.join(args.results_dir, study, args.model, args.activation)}: "
           f"val loss {vl.mean():.4f}" + (f" ± {vl.std(ddof=1):.4f} (std)" if len(vl) > 1 else ""))
 
 
 if __name__ == '__main__':
+    stop_promptly_on_ctrl_c()
     main()
