@@ -54,14 +54,16 @@ import time
 import traceback
 from collections import deque
 from dataclasses import fields, replace
+from types import SimpleNamespace
 
 import torch
 
+import cli
 import train
 from activations import ACTIVATION_NAMES, check_activation
 from config import Config, Parser
-from model_factories import CLASSIFIER_NAMES, MODEL_NAMES, build_model, check_model, model_kind
-from prepare_data import DATA_DIR_ENV, DataError, data_dir as resolve_data_dir, make_task
+from model_factories import CLASSIFIER_NAMES, MODEL_NAMES, build_model, check_memory, check_model, model_kind
+from prepare_data import CLASSIFICATION, DATA_DIR_ENV, DataError, data_dir as resolve_data_dir, make_task
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 BENCH_FIGURES = os.path.join(PROJECT_DIR, 'benchmarks', 'bench_sweep.json')
@@ -361,68 +363,117 @@ class StudyLock:
 # ----------------------------------------------------------------------------- time estimate
 
 _NOT_TIMING = ('seed_base', 'eval_seed', 'dataset')  # do not change how long a trial takes
+# what sets the time of one step and of one loss-estimate batch; the other fields (iteration
+# counts, evaluation settings, the learning-rate recipe, seeds) change how many there are, or nothing
+_STEP_COST = ('n_layer', 'n_embd', 'n_head', 'block_size', 'dropout', 'bias', 'vocab_size', 'n_experts', 'top_k',
+              'capacity_factor', 'moe_every', 'hidden', 'depth', 'n_inputs', 'batch_size', 'grad_accum_steps')
 
 
-def _timing_key(config_dict):
-    return json.dumps({k: v for k, v in sorted(config_dict.items()) if k not in _NOT_TIMING})
+def _timing_key(config_dict, unknown=()):
+    return json.dumps({k: v for k, v in sorted(config_dict.items()) if k not in _NOT_TIMING + tuple(unknown)})
 
 
-def _earlier_times(results_dir, key):
-    """[(model, activation, seconds, threads, where)] of earlier measured trials with this
-    config, from every study under results_dir and from the benchmark figures file."""
+def _cost_key(config_dict, unknown=()):
+    return json.dumps({k: config_dict.get(k) for k in _STEP_COST if k not in unknown})
+
+
+def _earlier_times(results_dir):
+    """Measured trials under results_dir (every study) and in the benchmark figures file:
+    dicts of model, activation, config, total_time, threads, where, and for trial JSONs
+    the split of that time (training_time, eval_time, iters, evals)."""
     found = []
     for path in glob.glob(os.path.join(results_dir, '*', '*', '*', 'trial_*.json')):
         try:
             with open(path) as f:
                 rec = json.load(f)
-            t = rec['metrics']['total_time']
-            if rec.get('source') == 'measured' and _timing_key(rec['config']) == key and math.isfinite(t):
-                found.append((rec['model'], rec['activation'], float(t),
-                              rec.get('provenance', {}).get('threads'), os.path.dirname(os.path.dirname(
-                                  os.path.dirname(path)))))
+            m = rec['metrics']
+            if rec.get('source') != 'measured' or not math.isfinite(m['total_time']):
+                continue
+            found.append({'model': rec['model'], 'activation': rec['activation'], 'config': rec['config'],
+                          'total_time': float(m['total_time']), 'threads': rec.get('provenance', {}).get('threads'),
+                          'where': os.path.dirname(os.path.dirname(os.path.dirname(path))),
+                          'training_time': m.get('training_time'), 'eval_time': m.get('eval_time'),
+                          'iters': m.get('iters'), 'evals': len((rec.get('history') or {}).get('iter') or [])})
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     try:
         with open(BENCH_FIGURES) as f:
             for t in json.load(f).get('trials', []):
-                if _timing_key(t['config']) == key and math.isfinite(t['total_time']):
-                    found.append((t['model'], t['activation'], float(t['total_time']), t.get('threads'),
-                                  _show_path(BENCH_FIGURES)))
+                if math.isfinite(t['total_time']):
+                    found.append({'model': t['model'], 'activation': t['activation'], 'config': t['config'],
+                                  'total_time': float(t['total_time']), 'threads': t.get('threads'),
+                                  'where': _show_path(BENCH_FIGURES)})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     return found
 
 
+def _scaled_time(f, config):
+    """An earlier trial's all-in time carried over to `config` (same model size and batch,
+    other iteration counts): its measured seconds per step and per loss-estimate batch times
+    this config's counts, plus its time outside the training loop. None where the record
+    lacks the split."""
+    try:
+        steps = (f['training_time'] - f['eval_time']) / f['iters']
+        per_batch = f['eval_time'] / (f['evals'] * f['config']['eval_iters'])
+        outside = f['total_time'] - f['training_time']
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+    return steps * config.max_iters + per_batch * config.eval_iters * train.n_evaluations(config) + outside
+
+
 def estimate(plan):
     """(per-trial seconds or None for each trial to run, a sentence saying where they come
-    from). Times only: measured wall times of earlier trials, never a result."""
-    found = _earlier_times(plan['results_dir'], _timing_key(plan['config'].to_dict()))
-    same_threads = [f for f in found if f[3] == plan['threads']]
-    used = same_threads or found
-    by_pair, by_model = {}, {}
-    for m, a, t, _, _ in used:
-        by_pair.setdefault((m, a), []).append(t)
-        by_model.setdefault(m, []).append(t)
-    per, n_pair, n_model = [], 0, 0
+    from, a sentence saying what is missing or None). Times only: measured wall times of
+    earlier trials, or their measured time per step and per evaluation at this model size and
+    batch scaled to this config's iteration counts; never a result."""
+    config = plan['config']
+    found = _earlier_times(plan['results_dir'])
+    # a dry run without saved trials does not know the sizes the data fixes: match on the rest
+    unknown = [k for k in ('vocab_size', 'n_inputs') if not getattr(config, k)]
+    key, cost = _timing_key(config.to_dict(), unknown), _cost_key(config.to_dict(), unknown)
+    pools = []  # (label, figures used, whether they ran at this sweep's thread count)
+    for label, same in (('exact', lambda f: _timing_key(f['config'], unknown) == key),
+                        ('scaled', lambda f: _timing_key(f['config'], unknown) != key
+                         and _cost_key(f['config'], unknown) == cost and _scaled_time(f, config))):
+        match = [f for f in found if same(f)]
+        same_threads = [f for f in match if f['threads'] == plan['threads']]
+        used = same_threads or match
+        pools.append((label, used, bool(same_threads) or not match))
+    per, counts = [], {'pair': 0, 'model': 0}
     for j in plan['to_run']:
-        ts = by_pair.get((j['model'], j['activation']))
-        if ts:
-            n_pair += 1
-        else:
-            ts = by_model.get(j['model'])
-            n_model += bool(ts)
-        per.append(sum(ts) / len(ts) if ts else None)
-    if not used:
-        return per, (f"no estimate: no earlier trial with this config in {plan['results_dir']} or "
-                     f"{_show_path(BENCH_FIGURES)} (train one trial, or run benchmarks/bench_sweep.py)")
-    wheres = sorted({w for *_, w in used})
-    threads = sorted({str(f[3]) for f in used})
-    src = (f"mean all-in time of {len(used)} earlier trial(s) with the same config in {', '.join(wheres)}, "
-           f"measured with {'/'.join(threads)} thread(s) per trial"
-           + ('' if same_threads else f" (this sweep: {plan['threads']})"))
-    missing = sum(p is None for p in per)
-    return per, (f"{src}; {n_pair} trial(s) from the same model and activation, {n_model} from the same "
-                 f"model only" + (f", {missing} with no figure (not counted)" if missing else ''))
+        t = None
+        for label, used, _ in pools:
+            for level, keep in (('pair', lambda f: (f['model'], f['activation']) == (j['model'], j['activation'])),
+                                ('model', lambda f: f['model'] == j['model'])):
+                ts = [f['total_time'] if label == 'exact' else _scaled_time(f, config) for f in used if keep(f)]
+                if ts and t is None:
+                    t = sum(ts) / len(ts)
+                    counts[level] += 1
+        per.append(t)
+    parts = []
+    for label, used, threads_match in pools:
+        if not used:
+            continue
+        wheres = sorted({f['where'] for f in used})
+        threads = '/'.join(sorted({str(f['threads']) for f in used}))
+        what = ("mean all-in time of {n} earlier trial(s) with the same config" if label == 'exact' else
+                "{n} earlier trial(s) of the same model size and batch but other iteration or evaluation "
+                "counts, scaled by their measured time per step and per evaluation")
+        parts.append(what.format(n=len(used)) + f" in {', '.join(wheres)}, measured with {threads} thread(s) "
+                     f"per trial" + ('' if threads_match else f" (this sweep: {plan['threads']})"))
+    n_missing = sum(p is None for p in per)
+    missing = None
+    if n_missing:
+        models = sorted({j['model'] for j, p in zip(plan['to_run'], per) if p is None})
+        missing = (f"{n_missing} trial(s) to run ({', '.join(models)}) have no figure: no earlier measured trial "
+                   f"of {'that model' if len(models) == 1 else 'those models'} at this size and batch in "
+                   f"{plan['results_dir']} or {_show_path(BENCH_FIGURES)} (train one trial of each first, or run "
+                   f"benchmarks/bench_sweep.py)")
+    source = '; '.join(parts) + (f"; {counts['pair']} trial(s) from the same model and activation, "
+                                 f"{counts['model']} from the same model only"
+                                 + (f", {n_missing} with no figure (not counted)" if n_missing else ''))
+    return per, source, missing
 
 
 def _show_path(path):
@@ -450,7 +501,11 @@ EPILOG = f"""study designs (--study NAME):
 resume: a trial is skipped when its JSON exists with the same config and seeds (--force
   reruns it); a result with a different config stops the sweep before any training.
 failures go to <study>/failures.jsonl; the sweep goes on and exits 1 naming them.
-Ray is optional: {RAY_INSTALL}"""
+before the first trial: names and values (the analysis's --baseline too), the device and
+  dtype, the results folder, and memory (an estimate against what the device has available).
+--dry-run reads no data (sizes the data fixes come from the study's saved trials).
+Ray is optional: {RAY_INSTALL}
+{cli.exit_help()}"""
 
 
 def make_parser():
@@ -577,6 +632,7 @@ def make_plan(args):
         if ray_flags:
             raise ValueError(f"{', '.join('--' + f.replace('_', '-') for f in ray_flags)} go with --executor ray")
         dev = train.resolve_device(args.device)
+        train.autocast_dtype(args.dtype, dev)
         if dev.type == 'cuda':
             devices = ([f'cuda:{i}' for i in range(torch.cuda.device_count())] if dev.index is None
                        else [str(dev)])
@@ -594,29 +650,43 @@ def make_plan(args):
         execution = (f"{workers} worker process(es)" if workers > 1 else "in this process") + \
             f" on {', '.join(sorted(set(s['device'] for s in slots)))}, {threads} thread(s) per trial"
 
-    # the data: fixes vocab_size etc., which are part of every trial's identity
-    data_dir = os.path.abspath(resolve_data_dir(args.data_dir))
-    task = make_task(config, data_dir)
-    full = replace(config, **task.config_updates())
-    kind_models = MODEL_NAMES if task.kind == 'lm' else CLASSIFIER_NAMES
-    models = _pick_names(args.models, base['models'] if task.kind == 'lm' else CLASSIFIER_NAMES,
+    kind = 'classification' if config.dataset in CLASSIFICATION else 'lm'  # as make_task decides
+    kind_models = MODEL_NAMES if kind == 'lm' else CLASSIFIER_NAMES
+    models = _pick_names(args.models, base['models'] if kind == 'lm' else CLASSIFIER_NAMES,
                          kind_models, check_model, 'models')
     for m in models:
-        if model_kind(m) != task.kind:
+        if model_kind(m) != kind:
             raise ValueError(f"model {m!r} trains on {model_kind(m)} data, but dataset {config.dataset!r} is a "
-                             f"{task.kind} task; models for it: {', '.join(kind_models)}")
+                             f"{kind} task; models for it: {', '.join(kind_models)}")
     for m in models:  # every pair must be buildable at this config: cheap on the meta device
         for a in activations:
             try:
                 with torch.device('meta'):
-                    build_model(m, a, full, seed=0)
+                    build_model(m, a, train.lower_bound_config(config), seed=0)
             except ValueError as e:
                 raise ValueError(f"{m}/{a} cannot be built with this config: {e}") from None
             except Exception:  # noqa: BLE001 -- a model the meta device can't build: the trial will tell
                 pass
-
     results_dir = os.path.abspath(args.results_dir)
     study_dir = os.path.join(results_dir, study)
+    check_analysis_args(args, activations, study_dir)
+    # memory before the data: an impossible block_size makes GBs of evaluation windows
+    plan_memory(models, activations, config, args, slots)
+
+    # the data: fixes vocab_size etc., which are part of every trial's identity. A dry run reads
+    # none: it takes those fields from the study's saved trials, or says they are unknown
+    data_dir = os.path.abspath(resolve_data_dir(args.data_dir))
+    if args.dry_run:
+        task = SimpleNamespace(kind=kind)
+        saved = saved_data_fields(study_dir, kind, config)
+        full = replace(config, **saved)
+        data_note = (f"data not read (dry run): {', '.join(f'{k} {v}' for k, v in saved.items())} from the saved "
+                     f"trials" if saved else "data not read (dry run) and no trial saved yet: vocab_size unknown")
+    else:
+        task = make_task(config, data_dir)
+        full = replace(config, **task.config_updates())
+        data_note = None
+    memory = plan_memory(models, activations, full, args, slots)
     to_run, done, conflicts = [], [], []
     for m in models:
         for a in activations:
@@ -635,6 +705,10 @@ def make_plan(args):
         raise ValueError(f"{len(conflicts)} existing result(s) in {study_dir} belong to another config or seeds "
                          f"(first: {_show_path(path)} is {state}); use another --study or --results-dir, "
                          f"or --force to overwrite them")
+    if not args.dry_run:  # a folder that cannot be written fails now, not after the first trial
+        cli.check_writable(study_dir, need_bytes=len(to_run) * (4 * full.n_eval * max(1, full.vocab_size) + 2 ** 20))
+        if args.plots_dir:
+            cli.check_writable(args.plots_dir, 'plots folder')
     note = None
     if design is None and args.study:
         close = difflib.get_close_matches(args.study, study_names(), n=1, cutoff=0.8)
@@ -647,11 +721,66 @@ def make_plan(args):
             'study_dir': study_dir, 'results_dir': results_dir, 'config': full, 'preset': args.config,
             'models': models, 'activations': activations, 'trials': trials, 'to_run': to_run, 'done': done,
             'common': common, 'slots': slots, 'workers': workers, 'threads': threads, 'execution': execution,
-            'executor': args.executor, 'vary': args.vary}
+            'executor': args.executor, 'vary': args.vary, 'memory': memory, 'data_note': data_note}
+
+
+def saved_data_fields(study_dir, kind, config):
+    """The config fields the data fixes (vocab_size; for classification also n_inputs, n_eval
+    and, with epochs, max_iters), as this study's saved trials on the same dataset recorded
+    them: for a dry run, which reads no data. {} if there is no such trial."""
+    keys = ['vocab_size'] + (['n_inputs', 'n_eval'] + (['max_iters'] if config.epochs else [])
+                             if kind == 'classification' else [])
+    for path in sorted(glob.glob(os.path.join(study_dir, '*', '*', 'trial_*.json'))):
+        try:
+            with open(path) as f:
+                saved = json.load(f)['config']
+            if saved['dataset'] == config.dataset:
+                return {k: saved[k] for k in keys}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return {}
+
+
+def check_analysis_args(args, activations, study_dir):
+    """The analysis's flags, checked before the first trial rather than after the last."""
+    if args.no_analyze and (args.baseline or args.plots_dir):
+        raise ValueError("--baseline and --plots-dir are for the analysis, which --no-analyze turns off")
+    if args.baseline is None:
+        return
+    saved = {os.path.basename(p) for p in glob.glob(os.path.join(study_dir, '*', '*')) if os.path.isdir(p)}
+    valid = sorted(set(activations) | saved)
+    if args.baseline not in valid:
+        raise ValueError(f"--baseline {args.baseline!r} is not an activation of this study; valid: {', '.join(valid)}")
+
+
+def plan_memory(models, activations, config, args, slots):
+    """Refuse (ValueError, one line with the estimate) a sweep whose trials cannot fit in
+    memory: on CPU all --workers at once in the machine's available memory, on CUDA the
+    trials placed on each device in its free memory. Where the data has not fixed
+    vocab_size yet the estimate is a lower bound. Returns a line for the plan."""
+    if args.executor == 'ray':
+        return "memory: not checked here (Ray runs the trials on its nodes)"
+    pairs = [(m, a) for m in models for a in activations]
+    per_device = {}
+    for s in slots:
+        per_device[s['device']] = per_device.get(s['device'], 0) + 1
+    for device, n in per_device.items():
+        est, avail = check_memory(pairs, train.lower_bound_config(config), torch.device(device), concurrent=n)
+    return (f"memory: about {cli.fmt_bytes(est['total'])} per trial at most"
+            + (" (a lower bound: vocab_size unknown)" if not config.vocab_size else '')
+            + f", {n} at once per device; "
+            + (f"{cli.fmt_bytes(avail)} available" if avail is not None else "available memory unknown here"))
 
 
 def _name(job):
     return f"{job['model']}/{job['activation']} trial {job['trial']}"
+
+
+def projection(plan, seconds, left):
+    """The projected time of the rest of a sweep, from its first finished trial."""
+    at_once = min(max(1, left), len(plan['slots']) if plan['executor'] == 'local' else plan['workers'] or left)
+    return (f"projected: ~{_fmt_seconds(left * seconds / at_once)} more for the {left} trial(s) left "
+            f"({seconds:.1f} s for this one, {at_once} at once; an estimate of time only)")
 
 
 def describe(plan):
@@ -664,7 +793,10 @@ def describe(plan):
              f"trial(s) = {n}: {len(plan['done'])} done, {len(plan['to_run'])} to run; vary {plan['vary']}"
              + ('; deterministic' if plan['common']['deterministic'] else ''),
              f"  models: {' '.join(plan['models'])}; activations: {' '.join(plan['activations'])}",
-             f"  {plan['execution']}; results in {plan['study_dir']}"]
+             f"  {plan['execution']}; results in {plan['study_dir']}",
+             f"  {plan['memory']}"]
+    if plan['data_note']:
+        lines.append(f"  {plan['data_note']}")
     if plan['note']:
         lines.insert(0, plan['note'])
     return '\n'.join(lines)
@@ -672,7 +804,7 @@ def describe(plan):
 
 def dry_run(plan):
     print(describe(plan))
-    per, source = estimate(plan)
+    per, source, missing = estimate(plan)
     width = max([len(_name(j)) for j in plan['to_run'] + plan['done']] + [10])
     for job, s in zip(plan['to_run'], per):
         print(f"  to run  {_name(job):{width}s}  " + (f"~{_fmt_seconds(s)}" if s is not None else 'no estimate'))
@@ -683,7 +815,8 @@ def dry_run(plan):
     known = [s for s in per if s is not None]
     if not plan['to_run']:
         print("nothing to run: every trial is done (--force reruns them)")
-    elif known:
+        return 0
+    if known:
         total = sum(known)
         line = f"estimated time (an estimate of time only, not of any result): ~{_fmt_seconds(total)} of trial time"
         if len(known) < len(per):  # a partial sum must not read as the whole sweep's time
@@ -695,7 +828,9 @@ def dry_run(plan):
         print(line)
         print(f"  from: {source}")
     else:
-        print(f"estimated time: {source}")
+        print("no time estimate for the trials to run")
+    if missing:
+        print(f"  missing: {missing}")
     return 0
 
 
@@ -717,6 +852,8 @@ def run_sweep(plan, executor_factory):
                 finished.append(job)
                 bar.write(f"{count} {_name(job)}: val loss {out['val_loss']:.4f}  accuracy "
                           f"{out['val_accuracy']:.4f}  {out['seconds']:.1f} s", file=sys.stdout)
+                if len(finished) == 1 and len(to_run) > 1 + len(failed):
+                    bar.write(projection(plan, out['seconds'], len(to_run) - 1 - len(failed)), file=sys.stdout)
             else:
                 failed.append(job)
                 append_failure(failures_path, {
@@ -751,24 +888,32 @@ def make_executor(plan, args):
 
 
 def analyze_study(plan, args):
+    """Run the analysis quietly (its warnings go to stderr); returns (ok, a phrase for the
+    sweep's closing line or None)."""
     try:
         import analyze_results
     except ImportError as e:
         print(f"error: cannot run the analysis ({e}); the trials are saved: rerun with --no-analyze, or "
               f"analyse later with analyze_results.py --results-dir {plan['study_dir']}", file=sys.stderr)
-        return False
+        return False, None
     kwargs = {'plots_dir': args.plots_dir}
     if args.baseline:
         kwargs['baseline'] = args.baseline
     try:
-        analyze_results.analyze(plan['study_dir'], **kwargs)
+        summary = analyze_results.analyze(plan['study_dir'], verbose=False, **kwargs)
     except ValueError as e:  # AnalysisError is a ValueError
         print(f"error: analysis of {plan['study_dir']} failed: {e}", file=sys.stderr)
-        return False
+        return False, None
+    except OSError as e:
+        print(f"error: analysis of {plan['study_dir']} failed: {cli.os_error_message(e)}", file=sys.stderr)
+        return False, None
+    for w in summary['warnings']:
+        print(f"warning: {w}", file=sys.stderr)
     d = plan['study_dir']
-    print(f"analysis: summary {os.path.join(d, 'summary.json')}, report {os.path.join(d, 'REPORT.md')}, "
-          f"plots in {args.plots_dir or os.path.join(d, 'plots')}")
-    return True
+    return True, (f"analysis of {summary['provenance']['n_trials']} trials"
+                  + (f" ({len(summary['warnings'])} warning(s) above)" if summary['warnings'] else '')
+                  + f": summary {os.path.join(d, 'summary.json')}, report {os.path.join(d, 'REPORT.md')}, "
+                  f"plots in {args.plots_dir or os.path.join(d, 'plots')}")
 
 
 def _main(argv):
@@ -785,14 +930,18 @@ def _main(argv):
     try:
         plan = make_plan(args)
     except (ValueError, DataError) as e:
-        parser.exit(2, f"error: {' '.join(str(e).split())}\n")
+        parser.exit(cli.EXIT_USAGE, f"error: {' '.join(str(e).split())}\n")
+    except OSError as e:
+        parser.exit(cli.EXIT_FAILURE, f"error: {cli.os_error_message(e)}\n")
     if args.dry_run:
         return dry_run(plan)
 
     try:
         lock = StudyLock(plan['study_dir'])
     except ValueError as e:
-        parser.exit(2, f"error: {e}\n")
+        parser.exit(cli.EXIT_USAGE, f"error: {e}\n")
+    except OSError as e:
+        parser.exit(cli.EXIT_FAILURE, f"error: {cli.os_error_message(e)}\n")
     try:
         print(describe(plan), flush=True)
         strays = stray_temp_files(plan['study_dir'])
@@ -803,6 +952,8 @@ def _main(argv):
         t0 = time.time()
         finished, failed, interrupted = run_sweep(plan, make_executor(plan, args))
         wall = time.time() - t0
+    except OSError as e:  # the study folder itself (failures.jsonl, a stray temp file) cannot be written
+        parser.exit(cli.EXIT_FAILURE, f"error: {cli.os_error_message(e)}\n")
     finally:
         lock.release()
 
@@ -813,22 +964,21 @@ def _main(argv):
               + f", {len(failed)} failed, {left} not finished (running ones were stopped and left no result); "
               f"{len(plan['done']) + len(finished)} of {len(plan['done']) + len(plan['to_run'])} done in "
               f"{plan['study_dir']}. Run the same command again to resume.", file=sys.stderr)
-        return 130
+        return cli.EXIT_INTERRUPT
+    ok, analysis = analyze_study(plan, args) if not args.no_analyze else (True, None)
+    # one closing summary: the trials, then the analysis
     print(f"{len(finished)} trial(s) trained, {len(plan['done'])} already done, {len(failed)} failed "
-          f"in {_fmt_seconds(wall)}")
-    ok = True
-    if not args.no_analyze:
-        ok = analyze_study(plan, args)
+          f"in {_fmt_seconds(wall)}" + (f"; {analysis}" if analysis else ''))
     if failed:
         print(f"error: {len(failed)} trial(s) failed: {', '.join(map(_name, failed))}; errors and tracebacks in "
               f"{os.path.join(plan['study_dir'], 'failures.jsonl')}", file=sys.stderr)
-        return 1
-    return 0 if ok else 1
+        return cli.EXIT_FAILURE
+    return cli.EXIT_OK if ok else cli.EXIT_FAILURE
 
 
 def main(argv=None):
-    """The command line; returns the exit code (0 ok, 1 failed trials or analysis, 2 invalid
-    input, 130 interrupted)."""
+    """The command line; returns the exit code (cli.py: 0 ok, 1 failed trials or analysis or
+    an unwritable file, 2 invalid input, 130 interrupted)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return _main(argv)
@@ -838,4 +988,5 @@ def main(argv=None):
 
 if __name__ == '__main__':
     import run_all_experiments  # one module object: workers and Ray tasks import it by this name
+    cli.stop_promptly_on_ctrl_c()
     sys.exit(run_all_experiments.main())
