@@ -16,6 +16,7 @@ any other file is listed with the reason and skipped. Inputs are checked before 
 written, and every output goes to a temp file that is then renamed into place, so bad input
 overwrites nothing.
 """
+import argparse
 import glob
 import hashlib
 import io
@@ -26,9 +27,11 @@ import sys
 
 import numpy as np
 
+import config as presets
 import metrics
 import plot_utils
 import routing_metrics
+from cli import EXIT_FAILURE, EXIT_INTERRUPT, EXIT_USAGE, check_writable, exit_help, os_error_message
 from config import Parser
 from fileio import atomic_write
 
@@ -410,7 +413,118 @@ def build_summary(study_dir, baseline=None):
         'bad_files': bad,
         'provenance': {'n_trials': len(trials), 'files': files,
                        **{k + 's': sorted(v, key=json.dumps) for k, v in seen.items()}},
+        'study_info': study_info(trials),
     }
+
+
+# ----------------------------------------------------------------------------- what was run
+
+def data_fields(record):
+    """Config fields the data fixed for this trial (not the user's choice: never an override)."""
+    cfg = record.get('config') or {}
+    if record.get('task') == 'classification':
+        return {'vocab_size', 'n_inputs', 'n_eval'} | ({'max_iters'} if cfg.get('epochs') else set())
+    return {'vocab_size'}
+
+
+def closest_preset(record):
+    """(preset name, {field: value} where the trial's config differs from it): the preset
+    from which the fewest fields differ (the trial files record the config, not the preset's
+    name); fields the data fixes are left out."""
+    cfg, skip = record.get('config') or {}, data_fields(record)
+    best = None
+    for name in presets.preset_names():
+        p = presets.get_config(name).to_dict()
+        diff = {k: cfg[k] for k in p if k in cfg and k not in skip and cfg[k] != p[k]}
+        if best is None or len(diff) < len(best[1]):
+            best = (name, diff)
+    return best
+
+
+def study_info(trials):
+    """What was run, from the trials' own records: preset and overrides, the grid, trial
+    count, device and threads, the tool's git commit(s)."""
+    recs = [t['record'] for t in trials]
+    prov = [r.get('provenance') or {} for r in recs]
+    preset, overrides = closest_preset(recs[0])
+    configs = [r.get('config') or {} for r in recs]
+    varying = sorted({k for c in configs for k in c if any(c2.get(k) != c.get(k) for c2 in configs)})
+    groups = {}
+    for t, p in zip(trials, prov):
+        groups.setdefault(f"{t['model']}/{t['activation']}", set()).add(p.get('threads'))
+
+    def values(key, source=prov):
+        return sorted({str(p.get(key)) for p in source})
+    return {
+        'preset': preset, 'overrides': overrides, 'config_fields_varying': varying, 'n_trials': len(trials),
+        'models': sorted({t['model'] for t in trials}), 'activations': sorted({t['activation'] for t in trials}),
+        'trials_per_group': sorted({len([t for t in trials if (t['model'], t['activation']) == g])
+                                    for g in {(t['model'], t['activation']) for t in trials}}),
+        'vary': values('vary', recs), 'devices': sorted({f"{p.get('device')} ({p.get('device_name')})" for p in prov}),
+        'threads': values('threads'), 'groups_mixing_threads': sorted(g for g, th in groups.items() if len(th) > 1),
+        'git_commits': values('git_commit'), 'git_dirty': any(p.get('git_dirty') for p in prov),
+        'torch_versions': values('torch_version'), 'dtypes': values('dtype', recs),
+    }
+
+
+def study_header(summary):
+    """The report's opening: what was run (Markdown lines)."""
+    info = summary.get('study_info')
+    if not info:
+        return []
+    o = info['overrides']
+    per = '/'.join(map(str, info['trials_per_group']))
+    lines = ["## What was run", "",
+             f"- Preset `{info['preset']}` (the preset closest to the config the trials recorded); "
+             + (f"overrides: {', '.join(f'`{k} {v}`' for k, v in o.items())}" if o else "no overrides"),
+             f"- {info['n_trials']} trials: {len(info['models'])} model(s) x {len(info['activations'])} activation(s) "
+             f"x {per} trial(s); vary {', '.join(info['vary'])}; dtype {', '.join(info['dtypes'])}",
+             f"- Device: {', '.join(info['devices'])}; threads per trial: {', '.join(info['threads'])}",
+             f"- Tool: git commit {', '.join(f'`{c[:12]}`' for c in info['git_commits'])}"
+             + (" with uncommitted changes" if info['git_dirty'] else '')
+             + f"; torch {', '.join(info['torch_versions'])}"]
+    if info['config_fields_varying']:
+        lines.append(f"- **The trials do not share one config**: {', '.join(info['config_fields_varying'])} differ "
+                     f"(the overrides above are the first trial's)")
+    lines.append(f"- {timing_note(info)}")
+    return lines + [""]
+
+
+def timing_note(info):
+    """What the report's time column is, and whether its rows can be compared."""
+    note = ("Time per trial: all-in wall seconds (training, loss estimates, predictions, saving: what train.py "
+            "prints per trial), mean ± std over trials")
+    mixed = [f"{len(info[k])} {what} ({', '.join(info[k])})" for k, what in
+             (('threads', 'thread counts'), ('devices', 'devices')) if len(info[k]) > 1]
+    if mixed:
+        note += (f". **The trials ran on {' and '.join(mixed)}**: times across them are not comparable"
+                 + (f"; rows marked † mix them within one model x activation" if info['groups_mixing_threads'] else ''))
+    return note + "."
+
+
+def timing_cell(r, info):
+    """Mean ± std of a group's all-in seconds per trial to the std's two significant digits."""
+    st = (r.get('trial_stats') or {}).get('total_time')
+    if not st:
+        return '—'
+    mark = ' †' if info and f"{r['model_name']}/{r['activation']}" in info.get('groups_mixing_threads', []) else ''
+    return _meaningful(st['mean'], st['std']) + mark
+
+
+def _meaningful(mean, std):
+    """Seconds as '95.5 ± 4.5' or '44.12 ± 0.31': the std to two significant digits and the mean
+    to the same decimal (at most two decimals); with no std, the mean to three significant digits."""
+    ref = std if std else abs(mean)
+    if not ref:
+        return '0'
+    d = min(2, max(0, (1 if std else 2) - math.floor(math.log10(ref))))  # timings: never below 10 ms
+    return f"{mean:.{d}f}" + (f" ± {std:.{d}f}" if std is not None else '')
+
+
+def with_study_header(report, summary):
+    """The report with the what-was-run block right under its title."""
+    title, _, rest = report.partition("\n")
+    return "\n".join([title, "", *study_header(summary)]) + rest
 
 
 # ----------------------------------------------------------------------------- report
@@ -461,7 +575,7 @@ def render_report(s):
         out += [f"## {model}", "", f"task {results[0]['task']}, vary {results[0]['vary']}, "
                 f"{results[0]['n_eval']} evaluation examples", "",
                 "| activation | trials | relative PD [95% CI] | top-1 disagreement | val loss (mean ± std) | "
-                "val accuracy | training time (s) |", "|---|---|---|---|---|---|---|"]
+                "val accuracy | time per trial, all-in (s) |", "|---|---|---|---|---|---|---|"]
         for i, r in enumerate(results):
             b = lambda text, best: f"**{text}**" if i in best else text  # noqa: E731
             if r['error']:
@@ -474,14 +588,15 @@ def render_report(s):
                 top1 = _num(p['top1_disagreement']['mean'])
             out.append(f"| {r['activation']} | {r['n_trials']} | {pd_cell} | {top1} | "
                        f"{b(_pm(r['trial_stats']['val_loss']), best_loss)} | "
-                       f"{b(_num(r['avg_val_accuracy']), best_acc)} | {_pm(r['trial_stats']['training_time'])} |")
+                       f"{b(_num(r['avg_val_accuracy']), best_acc)} | {timing_cell(r, s.get('study_info'))} |")
         others = [m for m in metrics.PAIR_METRICS if m not in ('relative_pd', 'top1_disagreement')]
         out += ["", "Bold: lowest relative PD (most reproducible), lowest val loss, highest val accuracy.", "",
                 "Other pairwise metrics (mean over pairs; JS divergence in bits):", "",
                 "| activation | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
         for r in results:
-            cells = [_num(r['pairwise'][m]['mean']) if r['pairwise'] and r['pairwise'][m]['mean'] is not None else '—'
-                     for m in others]
+            cells = [(f"{r['pairwise'][m]['mean']:.1f}" if m == 'prediction_differences'  # a count
+                      else _num(r['pairwise'][m]['mean']))
+                     if r['pairwise'] and r['pairwise'][m]['mean'] is not None else '—' for m in others]
             out.append(f"| {r['activation']} | " + " | ".join(cells) + " |")
         moe = [r for r in results if r.get('routing_agreement') or (r['trial_stats'] or {}).get('moe_dropped_fraction')]
         if moe:
@@ -561,7 +676,7 @@ def analyze(study_dir, plots_dir=None, baseline=None, plots=True, verbose=True):
     plots_dir (default <study_dir>/plots); return the summary dict. Raises AnalysisError on
     input it cannot use, before writing anything."""
     summary = json_safe(build_summary(study_dir, baseline))
-    report = render_report(summary)
+    report = with_study_header(render_report(summary), summary)
     write_json(os.path.join(study_dir, 'summary.json'), summary)
     write_text(os.path.join(study_dir, 'REPORT.md'), report)
     written = plot_utils.make_plots(summary, plots_dir or os.path.join(study_dir, 'plots')) if plots else []
@@ -590,15 +705,55 @@ def summary_figures(study_dir):
 COMPARED = ('relative_pd', 'val_loss', 'val_accuracy')
 
 
+def study_labels(dir_a, dir_b):
+    """Names for two study folders that tell them apart: their names, or as many trailing parts
+    of their paths as it takes (results/x/cpu and results/y/cpu: x/cpu and y/cpu)."""
+    pa = os.path.normpath(os.path.abspath(dir_a)).split(os.sep)
+    pb = os.path.normpath(os.path.abspath(dir_b)).split(os.sep)
+    for n in range(1, max(len(pa), len(pb)) + 1):
+        a, b = os.path.join(*pa[-n:]), os.path.join(*pb[-n:])
+        if a != b:
+            return a, b
+    return f"{pa[-1]} (a)", f"{pb[-1]} (b)"  # one folder given twice
+
+
+def config_differences(sa, sb):
+    """[(field, values in a, values in b)] for every config field (and vary mode, device,
+    threads per trial) whose values differ between the two studies' trials."""
+    def values(s):
+        out = {}
+        for r in s['results']:
+            for k, v in {**(r.get('config') or {}), 'vary': r.get('vary')}.items():
+                out.setdefault(k, set()).add(json.dumps(v))
+        info = s.get('study_info') or {}
+        for k in ('devices', 'threads'):
+            out[k] = {json.dumps(v) for v in info.get(k, [])}
+        return out
+    va, vb = values(sa), values(sb)
+    show = lambda vs: ', '.join(sorted(str(json.loads(v)) for v in vs)) or '—'  # noqa: E731
+    return [(k, show(va.get(k, set())), show(vb.get(k, set()))) for k in list(va) + [k for k in vb if k not in va]
+            if va.get(k) != vb.get(k)]
+
+
+def differences_md(differences, name_a, name_b):
+    if not differences:
+        return ["The two studies ran the same config, vary mode, devices and threads per trial.", ""]
+    return ([f"**Not like for like**: the two studies differ in {len(differences)} setting(s); a change below may "
+             f"come from these and not only from what you meant to compare.", "",
+             f"| setting | {name_a} | {name_b} |", "|---|---|---|"]
+            + [f"| {k} | {a} | {b} |" for k, a, b in differences] + [""])
+
+
 def compare_studies(dir_a, dir_b, out_dir=None, plots_dir=None, verbose=True):
     """Side-by-side table and plot of mean relative PD, val loss and val accuracy per model x
     activation of two studies, with the change (b - a). Writes compare.json and COMPARE.md to
     out_dir (default <parent of dir_a>/compare_<a>_vs_<b>) and compare.png to plots_dir
     (default out_dir). Returns the comparison dict."""
     sa, sb = json_safe(build_summary(dir_a)), json_safe(build_summary(dir_b))
-    name_a, name_b = sa['study'], sb['study']
+    name_a, name_b = study_labels(dir_a, dir_b)
     out_dir = out_dir or os.path.join(os.path.dirname(os.path.normpath(os.path.abspath(dir_a))),
-                                      f'compare_{name_a}_vs_{name_b}')
+                                      f"compare_{name_a}_vs_{name_b}".replace(os.sep, '_'))
+    differences = config_differences(sa, sb)
 
     def side(r):
         return {'relative_pd': r['avg_relative_pd'] if r else None, 'val_loss': r['avg_val_loss'] if r else None,
@@ -610,9 +765,12 @@ def compare_studies(dir_a, dir_b, out_dir=None, plots_dir=None, verbose=True):
         rows.append({'model': key[0], 'activation': key[1], 'a': a, 'b': b,
                      'change': {k: b[k] - a[k] if a[k] is not None and b[k] is not None else None for k in COMPARED}})
     comparison = {'schema_version': SCHEMA_VERSION, 'study_a': name_a, 'study_b': name_b, 'rows': rows,
+                  'dir_a': os.path.abspath(dir_a), 'dir_b': os.path.abspath(dir_b), 'config_differences': differences,
                   'warnings': [f"{name_a}: {w}" for w in sa['warnings']] + [f"{name_b}: {w}" for w in sb['warnings']],
                   'provenance': {name_a + ' (a)': sa['provenance'], name_b + ' (b)': sb['provenance']}}
-    md = [f"# {name_a} vs {name_b}", "", "Means over trials (relative PD: over pairs of trials); change = "
+    md = [f"# {name_a} vs {name_b}", "", f"a: `{os.path.abspath(dir_a)}`, b: `{os.path.abspath(dir_b)}`", "",
+          *differences_md(differences, name_a, name_b),
+          "Means over trials (relative PD: over pairs of trials); change = "
           f"{name_b} − {name_a}; — where a study has no value.", "", "## Warnings", ""]
     md += [f"- {w}" for w in comparison['warnings']] or ["None."]
     md += ["", "| model | activation | trials | " + " | ".join(f"{k} {name_a} | {k} {name_b} | change" for k in COMPARED) + " |",
@@ -625,6 +783,9 @@ def compare_studies(dir_a, dir_b, out_dir=None, plots_dir=None, verbose=True):
     write_text(os.path.join(out_dir, 'COMPARE.md'), "\n".join(md) + "\n")
     plot_utils.save_figure(fig, os.path.join(plots_dir or out_dir, 'compare.png'))
     if verbose:
+        if differences:
+            print(f"warning: not like for like: {name_a} and {name_b} differ in "
+                  f"{', '.join(k for k, _, _ in differences)} (listed in COMPARE.md)", file=sys.stderr)
         for w in comparison['warnings']:
             print(f"warning: {w}", file=sys.stderr)
         print(f"wrote {os.path.join(out_dir, 'compare.json')}, {os.path.join(out_dir, 'COMPARE.md')}, "
@@ -635,7 +796,8 @@ def compare_studies(dir_a, dir_b, out_dir=None, plots_dir=None, verbose=True):
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    parser = Parser(description='Reproducibility analysis of saved trials (no training).')
+    parser = Parser(description='Reproducibility analysis of saved trials (no training).', epilog=exit_help(),
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--results-dir', help='the study folder, e.g. results/cpu')
     parser.add_argument('--plots-dir', default=None, help='where PNGs go (default: <results-dir>/plots; '
                         'with --compare: the --out-dir)')
@@ -656,6 +818,12 @@ def main(argv=None):
     if args.plots_only and (args.baseline or args.no_plots):
         parser.error("--plots-only redraws plots from summary.json: --baseline and --no-plots do not apply")
     try:
+        # the output folders, before anything is read or computed (a missing study folder is
+        # bad input, reported by the analysis)
+        for folder, what in ((args.results_dir, 'results folder'), (args.plots_dir, 'plots folder'),
+                             (args.out_dir, 'output folder')):
+            if folder and (what != 'results folder' or (os.path.isdir(folder) and not args.plots_only)):
+                check_writable(folder, what)
         if args.compare:
             compare_studies(*args.compare, out_dir=args.out_dir, plots_dir=args.plots_dir)
         elif args.plots_only:
@@ -667,7 +835,11 @@ def main(argv=None):
         else:
             analyze(args.results_dir, args.plots_dir, args.baseline, plots=not args.no_plots)
     except AnalysisError as e:
-        sys.exit(f"error: {e}")
+        parser.exit(EXIT_USAGE, f"error: {e}\n")
+    except OSError as e:
+        parser.exit(EXIT_FAILURE, f"error: {os_error_message(e)}\n")
+    except KeyboardInterrupt:
+        parser.exit(EXIT_INTERRUPT, "interrupted: outputs are written whole or not at all\n")
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ replaces no existing plot.
 import math
 import os
 import re
+import textwrap
 
 import numpy as np
 from matplotlib import colormaps
@@ -321,8 +322,34 @@ def check_summary(summary):
                 raise ValueError(f"results[{k}] ({r['model_name']}/{r['activation']}) has a malformed history")
 
 
+def study_title(summary):
+    """'study cpu, preset cpu (overrides: max_iters 60, ...)': on every plot, so a shortened run
+    never looks like the preset."""
+    info = summary.get('study_info') or {}
+    title = f"study {summary.get('study')}" + (f", preset {info['preset']}" if info.get('preset') else '')
+    o = info.get('overrides') or {}
+    return title + (f" (overrides: {', '.join(f'{k} {v}' for k, v in o.items())})" if o else '')
+
+
+def _stamp(fig, title):
+    """The study's title above everything else of a figure (its own suptitle included),
+    wrapped so that a long list of overrides does not widen the plot."""
+    top = 0.995 if fig.get_suptitle() else 0.96  # a suptitle hangs from 0.98; axes titles end below
+    width = max(40, int(fig.get_figwidth() * 14))  # characters of 9-point text per line
+    fig.text(0.5, top, textwrap.fill(title, width), ha='center', va='bottom', fontsize=9)
+
+
 def figures(summary):
-    """Every plot of a study as {file name: Figure}, nothing written yet."""
+    """Every plot of a study as {file name: Figure}, nothing written yet; each is titled
+    with the study (study_title)."""
+    figs = _figures(summary)
+    title = study_title(summary)
+    for fig in figs.values():
+        _stamp(fig, title)
+    return figs
+
+
+def _figures(summary):
     check_summary(summary)
     colors = activation_colors(r['activation'] for r in summary['results'])
     figs = {f'training_curves_{model}.png': training_curves(results, colors, model)

@@ -283,15 +283,16 @@ def test_failures_are_listed_not_counted(study):
 def test_bad_input_is_a_one_line_error_and_overwrites_nothing(study, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         analyze_results.main(['--results-dir', str(tmp_path / 'nope')])
-    assert str(e.value.code).startswith('error: ') and 'does not exist' in str(e.value.code)
+    err = capsys.readouterr().err  # bad input: a usage error, exit 2 (cli.py)
+    assert e.value.code == 2 and err.startswith('error: ') and 'does not exist' in err and err.count('\n') == 1
 
     analyze_results.main(['--results-dir', str(study), '--no-plots'])
     before = (study / 'summary.json').read_bytes()
     write_trial(study, 'minigpt', 'relu', 0, train_loss=9.9)  # new data, which a bad call must not write out
     with pytest.raises(SystemExit) as e:
         analyze_results.main(['--results-dir', str(study), '--baseline', 'tanh'])
-    msg = str(e.value.code)
-    assert "'tanh'" in msg and 'gelu, relu, swish' in msg and '\n' not in msg
+    msg = capsys.readouterr().err
+    assert e.value.code == 2 and "'tanh'" in msg and 'gelu, relu, swish' in msg and msg.count('\n') == 1
     assert (study / 'summary.json').read_bytes() == before
 
     capsys.readouterr()
@@ -300,7 +301,7 @@ def test_bad_input_is_a_one_line_error_and_overwrites_nothing(study, tmp_path, c
     assert e.value.code == 2 and capsys.readouterr().err.count('\n') == 1
 
 
-def test_plots_only(study, tmp_path):
+def test_plots_only(study, tmp_path, capsys):
     plots = tmp_path / 'p'
     analyze_results.main(['--results-dir', str(study), '--no-plots'])
     assert not plots.exists()
@@ -311,12 +312,13 @@ def test_plots_only(study, tmp_path):
     (study / 'summary.json').write_text('{"results": [')
     with pytest.raises(SystemExit) as e:
         analyze_results.main(['--results-dir', str(study), '--plots-dir', str(plots), '--plots-only'])
-    assert 'summary.json' in str(e.value.code) and 'without --plots-only' in str(e.value.code)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'summary.json' in err and 'without --plots-only' in err
     assert {f.name: f.read_bytes() for f in plots.iterdir()} == stamp
     (study / 'summary.json').write_text(json.dumps({'results': [{'model_name': 'minigpt', 'activation': 'relu'}]}))
     with pytest.raises(SystemExit) as e:
         analyze_results.main(['--results-dir', str(study), '--plots-dir', str(plots), '--plots-only'])
-    assert 'trials' in str(e.value.code)
+    assert e.value.code == 2 and 'trials' in capsys.readouterr().err
     assert {f.name: f.read_bytes() for f in plots.iterdir()} == stamp
 
 
