@@ -18,6 +18,7 @@ import torch
 import analyze_results
 import cli
 import plot_utils
+import run_info
 import run_all_experiments as sweep
 import train
 from config import Config, get_config
@@ -149,7 +150,11 @@ def test_progress_lines_for_logs():
     log.last -= 31
     log.update(4, 2.25, 0.0, 1)
     assert 'iteration 4/1000000, loss 2.2500, ~' in out.getvalue().splitlines()[-1]
-    assert cli.ProgressLog('x', 10, 1, stream=sys.__stderr__).enabled == (not sys.__stderr__.isatty())
+    quiet = io.StringIO()  # a trial that ends within 30 s prints no projection
+    short = cli.ProgressLog('m/a trial 1', total=10, evals_total=2, warmup=2, stream=quiet)
+    for it in range(1, 11):
+        short.update(it, 2.0, 0.0, 1)
+    assert quiet.getvalue() == ''
 
 
 def test_ctrl_c_stops_even_inside_a_long_torch_operation(tmp_path):
@@ -193,7 +198,7 @@ def test_compare_of_two_same_named_studies(studies, tmp_path, capsys):
     assert md.index('Not like for like') < md.index('| model | activation |')
     assert '| max_iters | 4 | 6 |' in md and '| learning_rate | 0.0003 | 0.001 |' in md
     assert 'not like for like' in capsys.readouterr().err
-    assert analyze_results.study_labels('x/cpu', 'y/gpu') == ('cpu', 'gpu')
+    assert run_info.study_labels('x/cpu', 'y/gpu') == ('cpu', 'gpu')
 
 
 def test_the_report_opens_with_what_was_run(studies, tmp_path):
@@ -217,17 +222,17 @@ def test_the_report_opens_with_what_was_run(studies, tmp_path):
         assert any('max_iters 6' in t.get_text() for t in fig.texts)
     # the time column: labelled, all-in seconds, two significant digits of the std
     assert 'time per trial, all-in (s)' in report
-    assert analyze_results._meaningful(95.5072, 4.4577) == '95.5 ± 4.5'
-    assert analyze_results._meaningful(44.1234, 0.3123) == '44.12 ± 0.31'
-    assert analyze_results._meaningful(122.3333, None) == '122'
+    assert run_info.mean_std(95.5072, 4.4577) == '95.5 ± 4.5'
+    assert run_info.mean_std(44.1234, 0.3123) == '44.12 ± 0.31'
+    assert run_info.mean_std(122.3333, None) == '122'
 
 
 def test_the_timing_note_says_when_threads_differ():
     info = {'threads': ['1', '2'], 'devices': ['cpu (x86_64)'], 'groups_mixing_threads': ['minigpt/relu']}
-    note = analyze_results.timing_note(info)
+    note = run_info.timing_note(info)
     assert '2 thread counts (1, 2)' in note and 'not comparable' in note and '†' in note
     row = {'model_name': 'minigpt', 'activation': 'relu', 'trial_stats': {'total_time': {'mean': 3.0, 'std': 0.5}}}
-    assert analyze_results.timing_cell(row, info) == '3.00 ± 0.50 †'
+    assert run_info.timing_cell(row, info) == '3.00 ± 0.50 †'
 
 
 # ----------------------------------------------------------------------------- items 7, 8, 9, 10
