@@ -8,10 +8,12 @@ weights are initialised from `seed` without touching the caller's random state.
 `python model_factories.py --config cpu` prints parameter counts for every model x activation.
 """
 import sys
+from dataclasses import replace
 
 import torch
 
 from activations import ACTIVATION_NAMES, check_activation
+from config import Parser, add_config_args, config_from_args
 from model import MODELS as _BASE_MODELS
 from mnist import FFN
 from moe import SwitchLM
@@ -61,9 +63,6 @@ def count_parameters(model):
 
 
 if __name__ == '__main__':
-    from dataclasses import replace
-
-    from config import Parser, add_config_args, config_from_args
     parser = Parser(description='Parameter counts of every model x activation under a preset.')
     add_config_args(parser)
     args = parser.parse_args()

@@ -1,6 +1,8 @@
 """
 Run a whole study from one command: every model x activation x trial through the trainer
-(train.run_trial), then the analysis (analyze_results.analyze).
+(train.run_trial), then the analysis (analyze_results.analyze). This module is the command
+line, the study designs, the plan (which jobs, which are done), the dry run and its time
+estimate; sweep.py is the engine that runs the jobs (executors, lock, failure log).
 
     python run_all_experiments.py --config cpu                    # the default grid on the cpu preset
     python run_all_experiments.py --study seed_partial            # the original partial study (gpu preset)
