@@ -203,27 +203,40 @@ class NanoTransformer(LanguageModel):
         return self.head(x, targets)
 
 
-class TinyLSTM(LanguageModel):
-    """Unidirectional multi-layer LSTM, then a residual feed-forward head with the
-    activation. (A bidirectional LSTM would see the future.)"""
+class RecurrentLM(LanguageModel):
+    """What tinylstm and hybridlm share: token embedding, dropout, then a unidirectional
+    multi-layer LSTM (a bidirectional one would see the future). Subclasses add their layers
+    after these, so modules are created (and initialised) in this order."""
 
-    def __init__(self, config, activation):
+    def __init__(self, config):
         super().__init__(config)
         c = config
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
         self.lstm = nn.LSTM(c.n_embd, c.n_embd, num_layers=c.n_layer, batch_first=True, bias=c.bias,
                             dropout=c.dropout if c.n_layer > 1 else 0.0)
+
+    def recur(self, idx):
+        """The LSTM's outputs [B, T, C]."""
+        self.check_length(idx)
+        h, _ = self.lstm(self.drop(self.wte(idx)))
+        return h
+
+
+class TinyLSTM(RecurrentLM):
+    """The LSTM, then a residual feed-forward with the activation."""
+
+    def __init__(self, config, activation):
+        super().__init__(config)
+        c = config
         self.ln = nn.LayerNorm(c.n_embd, bias=c.bias)
         self.mlp = FeedForward(c.n_embd, 4 * c.n_embd, activation, bias=c.bias, dropout=c.dropout)
         self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=c.bias)
 
     def forward(self, idx, targets=None):
-        self.check_length(idx)
-        h, _ = self.lstm(self.drop(self.wte(idx)))
-        h = h + self.mlp(self.ln(h))
-        return self.head(h, targets)
+        h = self.recur(idx)
+        return self.head(h + self.mlp(self.ln(h)), targets)
 
 
 class CausalConvBlock(nn.Module):
@@ -271,26 +284,19 @@ class ConvLM(LanguageModel):
         return self.head(x, targets)
 
 
-class HybridLM(LanguageModel):
+class HybridLM(RecurrentLM):
     """LSTM, then causal multi-head self-attention over its outputs, then a feed-forward
     with the activation (one pre-norm transformer block)."""
 
     def __init__(self, config, activation):
         super().__init__(config)
         c = config
-        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
-        self.drop = nn.Dropout(c.dropout)
-        self.lstm = nn.LSTM(c.n_embd, c.n_embd, num_layers=c.n_layer, batch_first=True, bias=c.bias,
-                            dropout=c.dropout if c.n_layer > 1 else 0.0)
         self.attn_block = Block(c.n_embd, c.n_head, activation, c.dropout, c.bias)
         self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=c.bias)
 
     def forward(self, idx, targets=None):
-        self.check_length(idx)
-        h, _ = self.lstm(self.drop(self.wte(idx)))
-        h = self.attn_block(h)
-        return self.head(h, targets)
+        return self.head(self.attn_block(self.recur(idx)), targets)
 
 
 def _gpt2_init(module):
