@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -187,6 +188,26 @@ def test_failures_jsonl_lines_stay_whole(tmp_path):
     with open(path) as f:
         lines = f.read().split('\n')
     assert lines[-1] == '' and json.loads(lines[1]) == {'model': 'm', 'error': 'multi\nline', 'trial': 0}
+
+
+def test_each_job_runs_with_its_own_config_and_study(tiny_config, tmp_path):
+    """The engine's contract: a job carries model, activation, trial, study and config; the
+    sweep's one RunOptions says how they run."""
+    jobs = [{'model': 'minigpt', 'activation': 'relu', 'trial': 0, 'study': 'a', 'config': tiny_config},
+            {'model': 'charlm', 'activation': 'gelu', 'trial': 3, 'study': 'b',
+             'config': replace(tiny_config, max_iters=3, n_embd=8)}]
+    opts = train.RunOptions(results_dir=str(tmp_path), threads=1, progress=False)
+    executor = sweep.InlineExecutor(opts)
+    try:
+        outcomes = list(executor.run(jobs))
+    finally:
+        executor.close()
+    assert [j for j, _ in outcomes] == jobs and all(o['ok'] for _, o in outcomes)
+    for job in jobs:
+        r = record(tmp_path, job['model'], job['activation'], job['trial'], study=job['study'])
+        assert r['study'] == job['study'] and r['metrics']['iters'] == job['config'].max_iters
+        assert r['config']['n_embd'] == job['config'].n_embd and r['provenance']['threads'] == 1
+    assert sweep.job_name(jobs[1]) == 'charlm/gelu trial 3'
 
 
 # ----------------------------------------------------------------------------- parallel and distributed
