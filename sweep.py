@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 import train
-from fileio import DATA_DIR_ENV
+from fileio import DATA_DIR_ENV, json_ready
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 RAY_INSTALL = 'pip install "ray[default]"'
@@ -318,9 +318,10 @@ class RayExecutor:
 # ----------------------------------------------------------------------------- files
 
 def append_failure(path, record):
-    """Append one JSON line with a single os.write, then fsync: a kill leaves either the
-    whole line or none of it (a line cut short by an older crash gets a newline first)."""
-    line = (json.dumps(record, default=str) + '\n').encode()
+    """Append one JSON line (fileio.json_ready's rule: non-finite numbers as null) with a
+    single os.write, then fsync: a kill leaves either the whole line or none of it (a line
+    cut short by an older crash gets a newline first)."""
+    line = (json.dumps(json_ready(record), default=str, allow_nan=False) + '\n').encode()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
