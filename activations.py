@@ -1,20 +1,18 @@
 """
-Activation functions by name, and the one feed-forward layer every model uses.
-
-An unknown name is an error that lists every valid name. There is deliberately no
-default: the study this tool replaces silently turned unknown activations into ReLU
-in five of its six models and concluded that "activations make no difference".
+Activation functions by name (the names: activation_names.py), and the one feed-forward
+layer every model uses.
 
 Gated activations (GLU variants, Shazeer 2020) compute act(x W) * (x V) and project
 back down. Width rule, applied everywhere: a gated feed-forward whose ungated width
 would be `hidden` uses round(2/3 * hidden) units, so that its three weight matrices
 hold the same number of parameters as the two of the ungated layer.
 """
-import re
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from activation_names import (ACTIVATION_NAMES, base_activation, check_activation, is_gated,  # noqa: F401
+                              smelu_beta)
 
 
 def smelu(x, beta=1.0):
@@ -25,70 +23,24 @@ def smelu(x, beta=1.0):
     return torch.where(x >= beta, x, (z + beta) ** 2 / (4.0 * beta))
 
 
-# name -> elementwise function; gated names map to the function applied to the gate
-_ELEMENTWISE = {
+# base name (activation_names.base_activation) -> elementwise function
+_FUNCTIONS = {
     'relu': F.relu,
     'gelu': F.gelu,  # exact (erf) GELU
     'swish': F.silu,
-    'silu': F.silu,  # alias of swish
-    'smelu_05': lambda x: smelu(x, 0.5),
-    'smelu_1': lambda x: smelu(x, 1.0),
     'mish': F.mish,
     'elu': F.elu,
     'selu': F.selu,
     'leaky_relu': F.leaky_relu,  # negative slope 0.01
 }
-_GATED = {
-    'swiglu': F.silu,
-    'geglu': F.gelu,
-    'reglu': F.relu,
-}
-# any SmeLU beta by name: smelu_0.25, smelu_2, smelu_1.5 (a leading zero needs a point,
-# so 'smelu_05' can only mean the registered beta=0.5)
-_SMELU_RE = re.compile(r'^smelu_((?:[1-9]\d*|0)\.\d+|[1-9]\d*)$')
-
-ACTIVATION_NAMES = list(_ELEMENTWISE) + list(_GATED)
-
-
-def _invalid(name):
-    return ValueError(f"unknown activation {name!r}; valid names: {', '.join(ACTIVATION_NAMES)}, "
-                      f"or smelu_<beta> such as smelu_0.25")
-
-
-def smelu_beta(name):
-    """beta of a SmeLU activation name, or None if the name is not SmeLU."""
-    if name == 'smelu_05':
-        return 0.5
-    if name == 'smelu_1':
-        return 1.0
-    m = _SMELU_RE.match(name) if isinstance(name, str) else None
-    if m is None:
-        return None
-    beta = float(m.group(1))
-    return beta if beta > 0 else None  # smelu_0.0 is no SmeLU: an unknown name
-
-
-def is_gated(name):
-    check_activation(name)
-    return name in _GATED
-
-
-def check_activation(name):
-    """Raise ValueError naming the valid choices unless `name` is a known activation."""
-    if name in _ELEMENTWISE or name in _GATED or smelu_beta(name) is not None:
-        return name
-    raise _invalid(name)
 
 
 def get_activation_fn(name):
     """The elementwise function of `name` (for gated names: the function on the gate)."""
-    check_activation(name)
-    if name in _ELEMENTWISE:
-        return _ELEMENTWISE[name]
-    if name in _GATED:
-        return _GATED[name]
-    beta = smelu_beta(name)
-    return lambda x: smelu(x, beta)
+    beta = smelu_beta(base_activation(name))
+    if beta is not None:
+        return lambda x: smelu(x, beta)
+    return _FUNCTIONS[base_activation(name)]
 
 
 def gated_hidden(hidden):

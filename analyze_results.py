@@ -30,9 +30,10 @@ import numpy as np
 import metrics
 import plot_utils
 import routing_metrics
+from activation_names import canonical_activation
 from cli import EXIT_FAILURE, EXIT_INTERRUPT, EXIT_USAGE, check_writable, exit_help, os_error_message
 from config import Parser
-from fileio import atomic_write
+from fileio import atomic_write, json_ready, write_json
 from run_info import config_differences, differences_md, study_info, study_labels, timing_cell, with_study_header
 
 SCHEMA_VERSION = 1
@@ -308,7 +309,7 @@ def sanity_across_activations(model, groups, warnings):
     acts = sorted(groups)
     for i, a in enumerate(acts):
         for b in acts[i + 1:]:
-            if plot_utils.canonical_activation(a) == plot_utils.canonical_activation(b):
+            if canonical_activation(a) == canonical_activation(b):
                 continue  # one function under two names: identical by design
             tb = {t['trial']: t for t in groups[b]}
             same = [t['trial'] for t in groups[a] if t['trial'] in tb and t['eval_hash'] == tb[t['trial']]['eval_hash']
@@ -540,32 +541,17 @@ def render_report(s):
 
 # ----------------------------------------------------------------------------- writing
 
-def json_safe(obj):
-    """obj with every non-finite float (an inf grad norm in a history, say) as the string
-    'nan', 'inf' or '-inf': summary.json stays strict JSON and keeps what the files said."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
 def write_text(path, text):
     atomic_write(path, lambda f: f.write(text.encode('utf-8')))
-
-
-def write_json(path, obj):
-    # allow_nan=False: summary.json is strict JSON; a NaN here would be a bug, not a value
-    write_text(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
 
 
 def analyze(study_dir, plots_dir=None, baseline=None, plots=True, verbose=True):
     """Analyse a study folder: write summary.json and REPORT.md in it and the plots in
     plots_dir (default <study_dir>/plots); return the summary dict. Raises AnalysisError on
     input it cannot use, before writing anything."""
-    summary = json_safe(build_summary(study_dir, baseline))
+    # json_ready (fileio's one rule: a non-finite number is null) before the report and the
+    # plots, so that they show exactly what summary.json holds
+    summary = json_ready(build_summary(study_dir, baseline))
     report = with_study_header(render_report(summary), summary)
     write_json(os.path.join(study_dir, 'summary.json'), summary)
     write_text(os.path.join(study_dir, 'REPORT.md'), report)
@@ -600,7 +586,7 @@ def compare_studies(dir_a, dir_b, out_dir=None, plots_dir=None, verbose=True):
     activation of two studies, with the change (b - a). Writes compare.json and COMPARE.md to
     out_dir (default <parent of dir_a>/compare_<a>_vs_<b>) and compare.png to plots_dir
     (default out_dir). Returns the comparison dict."""
-    sa, sb = json_safe(build_summary(dir_a)), json_safe(build_summary(dir_b))
+    sa, sb = json_ready(build_summary(dir_a)), json_ready(build_summary(dir_b))
     name_a, name_b = study_labels(dir_a, dir_b)
     out_dir = out_dir or os.path.join(os.path.dirname(os.path.normpath(os.path.abspath(dir_a))),
                                       f"compare_{name_a}_vs_{name_b}".replace(os.sep, '_'))

@@ -10,6 +10,8 @@ def _f(default, help):
     """A Config field with its one-line description (shown by --help)."""
     return field(default=default, metadata={'help': help})
 
+from config_full_gpu import GPU_FULL
+
 
 @dataclass
 class Config:
@@ -101,7 +103,7 @@ class Config:
 
 LR_SCHEDULES = ('constant', 'cosine')
 
-# Presets of the original study (cpu, gpu_lite, gpu; gpu_full lives in config_full_gpu.py),
+# Presets of the original study (cpu, gpu_lite, gpu, and gpu_full from config_full_gpu.py),
 # plus cpu_reference: the CPU example of a well-known reference trainer (nanoGPT's
 # shakespeare_char on CPU), for quality parity.
 PRESETS = {
@@ -109,6 +111,7 @@ PRESETS = {
     'gpu_lite': dict(batch_size=64, eval_iters=200),
     'gpu': dict(n_embd=256, block_size=256, batch_size=64, max_iters=500, eval_interval=100,
                 eval_iters=200),
+    'gpu_full': GPU_FULL,
     'cpu_reference': dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
                           max_iters=2000, eval_interval=250, eval_iters=20, dropout=0.0,
                           learning_rate=1e-3, lr_schedule='cosine', warmup_iters=100,
@@ -122,7 +125,6 @@ PRESETS = {
 
 
 def preset_names():
-    import config_full_gpu  # noqa: F401  (registers gpu_full)
     return list(PRESETS)
 
 

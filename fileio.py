@@ -1,11 +1,28 @@
 """
-Atomic file writes, shared by the trainer, the data download and the analysis (standard
-library only: the analysis and plotting side must not import torch).
+Files, shared by the trainer, the data and the analysis (standard library only: the
+analysis and plotting side must not import torch):
+
+    atomic_write, write_json    results, reports and plots, never half-written
+    data_dir, fetch_verified    where data lives; a data file checked by its digest and
+                                downloaded once if absent (both corpora: prepare_data, mnist)
+    DataError                   a missing, corrupt or unusable data file
 """
+import hashlib
 import json
+import math
 import os
 import tempfile
+import urllib.request
 
+PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR_ENV = 'REPRO_DATA_DIR'
+
+
+class DataError(Exception):
+    """A missing, corrupt or unusable data file; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------- writing
 
 def atomic_write(path, write, check=None):
     """Write through `write(file)` to a hidden temp file beside `path` (.<name>XXXX.tmp),
@@ -32,5 +49,71 @@ def atomic_write(path, write, check=None):
         raise
 
 
+def json_ready(obj):
+    """obj with every NaN or infinite float replaced by None, recursively (tuples become
+    lists). The one rule for every JSON file this project writes: a non-finite number is
+    no value (null), as a grad norm not measured at an eval point is, and the file stays
+    strict JSON that any reader parses."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    """obj as indented strict JSON (non-finite floats as null: json_ready), atomically."""
+    text = json.dumps(json_ready(obj), indent=1, allow_nan=False) + '\n'
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# ----------------------------------------------------------------------------- data files
+
+def data_dir(path=None):
+    """The data folder: `path`, else $REPRO_DATA_DIR, else ./data beside this project."""
+    return path or os.environ.get(DATA_DIR_ENV) or os.path.join(PROJECT_DIR, 'data')
+
+
+def file_digest(path, algorithm='sha256'):
+    h = hashlib.new(algorithm)
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_file(path):
+    return file_digest(path, 'sha256')
+
+
+def fetch_verified(directory, relpath, url, digest, algorithm='sha256', name=None, fetch=True, put=None):
+    """Path of the data file <data dir>/<relpath> after checking its `algorithm` digest
+    against `digest`, on every call. Absent, it is downloaded from `url` (when `fetch`),
+    checked before it is renamed into place, so a wrong download never lands. A file on
+    disk that does not match is reported, never replaced. `name` names the file in
+    messages; `put` says what to put where when the download fails (default: this file
+    at its path)."""
+    path = os.path.join(data_dir(directory), relpath)
+    name = name or relpath
+
+    def check(p):
+        got = file_digest(p, algorithm)
+        if got != digest:
+            raise DataError(f"{p}: {algorithm} {got} does not match {name}'s {digest}; the file is "
+                            f"corrupt or another file (delete it to download again)")
+
+    if os.path.exists(path):
+        check(path)
+        return path
+    if not fetch:
+        raise DataError(f"{name} not found at {path}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            data = r.read()
+        atomic_write(path, lambda f: f.write(data), check)
+    except OSError as e:  # offline, DNS, HTTP errors
+        raise DataError(f"cannot download {url} ({e}); put {put or f'the file at {path}'} (or point "
+                        f"--data-dir / ${DATA_DIR_ENV} at a folder holding {relpath})") from None
+    return path

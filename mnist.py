@@ -72,8 +72,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from activations import Activation, check_activation, gated_hidden
-from fileio import atomic_write, write_json
-from prepare_data import DATA_DIR_ENV, DataError, data_dir, download
+from fileio import DataError, atomic_write, data_dir, fetch_verified, write_json
 
 # ----------------------------------------------------------------------------- constants
 
@@ -151,41 +150,15 @@ def read_idx(path):
     return parse_idx(data, path)
 
 
-def md5_file(path):
-    h = hashlib.md5()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- MNIST
 
 def mnist_path(key, directory=None, fetch=True):
     """Path of one verified MNIST file (key in MNIST_FILES), downloading it if absent."""
     fname, md5, _ = MNIST_FILES[key]
-    folder = os.path.join(data_dir(directory), 'mnist')
-    path = os.path.join(folder, fname)
-
-    def check(p):
-        digest = md5_file(p)
-        if digest != md5:
-            raise DataError(f"{p}: md5 {digest} does not match MNIST {fname}'s {md5}; the file is "
-                            f"corrupt or another file (delete it to download again)")
-
-    if os.path.exists(path):
-        check(path)
-        return path
-    if not fetch:
-        raise DataError(f"MNIST file not found at {path}")
-    try:
-        download(MNIST_URL + fname, path, check)
-    except OSError as e:  # offline, DNS, HTTP errors
-        names = ', '.join(f for f, _, _ in MNIST_FILES.values())
-        raise DataError(f"cannot download {MNIST_URL + fname} ({e}); put the four MNIST files "
-                        f"({names}) in {folder} (or point --data-dir / ${DATA_DIR_ENV} at a folder "
-                        f"holding mnist/)") from None
-    return path
+    names = ', '.join(f for f, _, _ in MNIST_FILES.values())
+    return fetch_verified(directory, os.path.join('mnist', fname), MNIST_URL + fname, md5, 'md5',
+                          name=f'MNIST {fname}', fetch=fetch,
+                          put=f"the four MNIST files ({names}) in {os.path.join(data_dir(directory), 'mnist')}")
 
 
 def load_mnist(directory=None, fetch=True):
@@ -557,9 +530,9 @@ def run_study(task='mnist1d', base_config=None, widths=WIDTHS, models=tuple(STUD
         path = train.trial_path(results_dir, sub_study, model, act, k)
         existed = os.path.exists(path)
         try:
-            r = train.run_trial(model, act, k, cfg, results_dir, sub_study, vary, device, dtype,
-                                deterministic, data_dir=data_dir, progress=False, force=force,
-                                threads=threads)
+            r = train.run_trial(model, act, k, cfg, sub_study, train.RunOptions(
+                results_dir, vary, device, dtype, deterministic, data_dir=data_dir, progress=False,
+                force=force, threads=threads))
         except train.TrainingError as e:  # a diverged configuration: never selected
             counts['diverged'] += 1
             bar.update(1)

@@ -95,7 +95,7 @@ class Block(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """What every model shares: the length check, the output head and the loss."""
+    """What every model shares: the length check, the output head (ln_f, lm_head) and the loss."""
 
     def __init__(self, config):
         super().__init__()
@@ -108,7 +108,9 @@ class LanguageModel(nn.Module):
         if idx.size(1) > self.block_size:
             raise ValueError(f"sequence length {idx.size(1)} exceeds block_size {self.block_size}")
 
-    def output(self, logits, targets):
+    def head(self, x, targets):
+        """(logits, loss) from the last hidden states: every model ends in ln_f and lm_head."""
+        logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
@@ -118,54 +120,64 @@ class LanguageModel(nn.Module):
         return torch.arange(idx.size(1), device=idx.device)
 
 
-class CharLM(LanguageModel):
+class GPT(LanguageModel):
+    """The GPT skeleton of charlm, minigpt and switchlm: token + learned position embeddings,
+    dropout, n_layer blocks, a final LayerNorm and the head. `make_block(i)` makes block i
+    (built after the embeddings: modules are created, and so initialised under the seed, in
+    this order). tied: the head shares the token embedding (and has no bias); gpt2_init:
+    N(0, 0.02) weights, zero biases, and residual_projection weights scaled by
+    1/sqrt(2 n_layer)."""
+
+    def __init__(self, config, make_block, tied=False, gpt2_init=False):
+        super().__init__(config)
+        c = config
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.wpe = nn.Embedding(c.block_size, c.n_embd)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(make_block(i) for i in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=c.bias and not tied)
+        if tied:
+            self.lm_head.weight = self.wte.weight
+        if gpt2_init:
+            self.apply(_gpt2_init)
+            for name, p in self.named_parameters():
+                if self.residual_projection(name):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
+
+    @staticmethod
+    def residual_projection(name):
+        """The weights that write into the residual stream (GPT-2 scales their init down)."""
+        return name.endswith('c_proj.weight') or name.endswith('mlp.proj.weight')
+
+    def trunk(self, idx):
+        """Hidden states [B, T, C] after the last block."""
+        self.check_length(idx)
+        x = self.drop(self.wte(idx) + self.wpe(self.positions(idx)))
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def forward(self, idx, targets=None):
+        return self.head(self.trunk(idx), targets)
+
+
+class CharLM(GPT):
     """Pre-LayerNorm transformer, separate query/key/value projections, learned positions."""
 
     def __init__(self, config, activation):
-        super().__init__(config)
         c = config
-        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
-        self.wpe = nn.Embedding(c.block_size, c.n_embd)
-        self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, activation, c.dropout, c.bias, fused_qkv=False)
-                                    for _ in range(c.n_layer))
-        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=c.bias)
-
-    def forward(self, idx, targets=None):
-        self.check_length(idx)
-        x = self.drop(self.wte(idx) + self.wpe(self.positions(idx)))
-        for block in self.blocks:
-            x = block(x)
-        return self.output(self.lm_head(self.ln_f(x)), targets)
+        super().__init__(config, lambda i: Block(c.n_embd, c.n_head, activation, c.dropout, c.bias,
+                                                 fused_qkv=False))
 
 
-class MiniGPT(LanguageModel):
+class MiniGPT(GPT):
     """GPT-2: pre-LayerNorm, fused QKV, learned positions, 4x MLP, weight tying, GPT-2 init."""
 
     def __init__(self, config, activation):
-        super().__init__(config)
         c = config
-        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
-        self.wpe = nn.Embedding(c.block_size, c.n_embd)
-        self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, activation, c.dropout, c.bias)
-                                    for _ in range(c.n_layer))
-        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying
-        self.apply(_gpt2_init)
-        # GPT-2: residual projections scaled down by sqrt(2 * n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith('c_proj.weight') or name.endswith('mlp.proj.weight'):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
-
-    def forward(self, idx, targets=None):
-        self.check_length(idx)
-        x = self.drop(self.wte(idx) + self.wpe(self.positions(idx)))
-        for block in self.blocks:
-            x = block(x)
-        return self.output(self.lm_head(self.ln_f(x)), targets)
+        super().__init__(config, lambda i: Block(c.n_embd, c.n_head, activation, c.dropout, c.bias),
+                         tied=True, gpt2_init=True)
 
 
 class NanoTransformer(LanguageModel):
@@ -188,30 +200,43 @@ class NanoTransformer(LanguageModel):
         x = self.wte(idx)
         for block in self.blocks:
             x = block(x)
-        return self.output(self.lm_head(self.ln_f(x)), targets)
+        return self.head(x, targets)
 
 
-class TinyLSTM(LanguageModel):
-    """Unidirectional multi-layer LSTM, then a residual feed-forward head with the
-    activation. (A bidirectional LSTM would see the future.)"""
+class RecurrentLM(LanguageModel):
+    """What tinylstm and hybridlm share: token embedding, dropout, then a unidirectional
+    multi-layer LSTM (a bidirectional one would see the future). Subclasses add their layers
+    after these, so modules are created (and initialised) in this order."""
 
-    def __init__(self, config, activation):
+    def __init__(self, config):
         super().__init__(config)
         c = config
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
         self.lstm = nn.LSTM(c.n_embd, c.n_embd, num_layers=c.n_layer, batch_first=True, bias=c.bias,
                             dropout=c.dropout if c.n_layer > 1 else 0.0)
+
+    def recur(self, idx):
+        """The LSTM's outputs [B, T, C]."""
+        self.check_length(idx)
+        h, _ = self.lstm(self.drop(self.wte(idx)))
+        return h
+
+
+class TinyLSTM(RecurrentLM):
+    """The LSTM, then a residual feed-forward with the activation."""
+
+    def __init__(self, config, activation):
+        super().__init__(config)
+        c = config
         self.ln = nn.LayerNorm(c.n_embd, bias=c.bias)
         self.mlp = FeedForward(c.n_embd, 4 * c.n_embd, activation, bias=c.bias, dropout=c.dropout)
         self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=c.bias)
 
     def forward(self, idx, targets=None):
-        self.check_length(idx)
-        h, _ = self.lstm(self.drop(self.wte(idx)))
-        h = h + self.mlp(self.ln(h))
-        return self.output(self.lm_head(self.ln_f(h)), targets)
+        h = self.recur(idx)
+        return self.head(h + self.mlp(self.ln(h)), targets)
 
 
 class CausalConvBlock(nn.Module):
@@ -256,29 +281,22 @@ class ConvLM(LanguageModel):
         for conv in self.convs:
             x = conv(x)
         x = self.attn_block(x)
-        return self.output(self.lm_head(self.ln_f(x)), targets)
+        return self.head(x, targets)
 
 
-class HybridLM(LanguageModel):
+class HybridLM(RecurrentLM):
     """LSTM, then causal multi-head self-attention over its outputs, then a feed-forward
     with the activation (one pre-norm transformer block)."""
 
     def __init__(self, config, activation):
         super().__init__(config)
         c = config
-        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
-        self.drop = nn.Dropout(c.dropout)
-        self.lstm = nn.LSTM(c.n_embd, c.n_embd, num_layers=c.n_layer, batch_first=True, bias=c.bias,
-                            dropout=c.dropout if c.n_layer > 1 else 0.0)
         self.attn_block = Block(c.n_embd, c.n_head, activation, c.dropout, c.bias)
         self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=c.bias)
 
     def forward(self, idx, targets=None):
-        self.check_length(idx)
-        h, _ = self.lstm(self.drop(self.wte(idx)))
-        h = self.attn_block(h)
-        return self.output(self.lm_head(self.ln_f(h)), targets)
+        return self.head(self.attn_block(self.recur(idx)), targets)
 
 
 def _gpt2_init(module):

@@ -8,10 +8,13 @@ weights are initialised from `seed` without touching the caller's random state.
 `python model_factories.py --config cpu` prints parameter counts for every model x activation.
 """
 import sys
+from dataclasses import replace
 
 import torch
 
 from activations import ACTIVATION_NAMES, check_activation
+from cli import EXIT_HELP, EXIT_USAGE
+from config import Parser, add_config_args, config_from_args
 from model import MODELS as _BASE_MODELS
 from mnist import FFN
 from moe import SwitchLM
@@ -139,10 +142,6 @@ def _gb(n):
 COUNT_FIELDS = ('n_layer', 'n_embd', 'n_head', 'block_size', 'bias', 'vocab_size', 'n_experts', 'moe_every')
 
 if __name__ == '__main__':
-    from dataclasses import replace
-
-    from cli import EXIT_USAGE, EXIT_HELP
-    from config import Parser, add_config_args, config_from_args
     parser = Parser(description='Parameter counts of every language model x activation under a preset.',
                     epilog=EXIT_HELP)
     add_config_args(parser, only=COUNT_FIELDS)

@@ -65,7 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from activations import FeedForward
-from model import Block, CausalSelfAttention, LanguageModel, _gpt2_init
+from model import GPT, Block, CausalSelfAttention
 
 # fraction of the training forward passes, from the end, over which train metrics are averaged
 TRAIN_METRICS_TAIL = 0.1
@@ -188,7 +188,7 @@ def moe_layer_indices(n_layer, moe_every):
     return [i for i in range(n_layer) if i % moe_every == moe_every - 1]
 
 
-class SwitchLM(LanguageModel):
+class SwitchLM(GPT):
     """minigpt (GPT-2: pre-LayerNorm, fused QKV, learned positions, weight tying, GPT-2 init
     with scaled residual projections) with Switch feed-forwards; see the module docstring."""
 
@@ -198,24 +198,12 @@ class SwitchLM(LanguageModel):
         if c.moe_every > c.n_layer:
             raise ValueError(f"switchlm: moe_every ({c.moe_every}) > n_layer ({c.n_layer}) leaves no "
                              f"mixture-of-experts layer")
-        super().__init__(config)
+        moe_layers = moe_layer_indices(c.n_layer, c.moe_every)
+        super().__init__(config, lambda i: SwitchBlock(c, activation) if i in moe_layers
+                         else Block(c.n_embd, c.n_head, activation, c.dropout, c.bias), tied=True, gpt2_init=True)
         self.n_experts, self.top_k = c.n_experts, c.top_k
         self.aux_loss_coef, self.z_loss_coef = c.aux_loss_coef, c.z_loss_coef
-        self.moe_layers = moe_layer_indices(c.n_layer, c.moe_every)
-        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
-        self.wpe = nn.Embedding(c.block_size, c.n_embd)
-        self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(SwitchBlock(c, activation) if i in self.moe_layers
-                                    else Block(c.n_embd, c.n_head, activation, c.dropout, c.bias)
-                                    for i in range(c.n_layer))
-        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying
-        self.apply(_gpt2_init)
-        for name, p in self.named_parameters():  # GPT-2 scaled residual projections, experts too
-            if name.endswith('c_proj.weight') or name.endswith('mlp.proj.weight') or \
-                    ('.experts.' in name and name.endswith('.proj.weight')):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
+        self.moe_layers = moe_layers
         for i in self.moe_layers:
             nn.init.normal_(self.blocks[i].moe.router.weight, mean=0.0, std=0.02 * c.router_init_scale)
         self.aux_loss = None
@@ -223,11 +211,12 @@ class SwitchLM(LanguageModel):
         self._train_stats = []     # stats of every training forward pass
         self._eval_stats = None    # sum of stats over the batches eval_extras() was asked for
 
+    @staticmethod
+    def residual_projection(name):  # the experts' down projections too
+        return GPT.residual_projection(name) or ('.experts.' in name and name.endswith('.proj.weight'))
+
     def forward(self, idx, targets=None):
-        self.check_length(idx)
-        x = self.drop(self.wte(idx) + self.wpe(self.positions(idx)))
-        for block in self.blocks:
-            x = block(x)
+        x = self.trunk(idx)
         infos = [self.blocks[i].info for i in self.moe_layers]
         stats = torch.stack([i['stats'] for i in infos])
         self._last = (stats, torch.stack([i['first_choice'] for i in infos], 1),
@@ -242,7 +231,7 @@ class SwitchLM(LanguageModel):
         for block in self.blocks:
             if isinstance(block, SwitchBlock):
                 block.info = None  # hold no graph beyond this call
-        return self.output(self.lm_head(self.ln_f(x)), targets)
+        return self.head(x, targets)
 
     # ------------------------------------------------------------------ trainer hooks
 

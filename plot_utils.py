@@ -10,7 +10,6 @@ replaces no existing plot.
 """
 import math
 import os
-import re
 import textwrap
 
 import numpy as np
@@ -20,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from scipy.special import erf
 
+from activation_names import GATE_OF, base_activation, canonical_activation, smelu_beta
 from fileio import atomic_write
 
 # ----------------------------------------------------------------------------- files
@@ -32,9 +32,6 @@ def save_figure(fig, path):
 # ----------------------------------------------------------------------------- activations in numpy
 
 SELU_ALPHA, SELU_SCALE = 1.6732632423543772, 1.0507009873554805
-GATE_OF = {'swiglu': 'swish', 'geglu': 'gelu', 'reglu': 'relu'}  # gated: the activation on the gate
-ALIASES = {'silu': 'swish'}
-_SMELU_RE = re.compile(r'^smelu_((?:[1-9]\d*|0)\.\d+|[1-9]\d*)$')  # as in activations.py
 
 
 def _sigmoid(x):
@@ -67,32 +64,13 @@ ACTIVATIONS = {
 }
 
 
-def smelu_beta(name):
-    """beta of a SmeLU name (smelu_05 = 0.5, smelu_1, smelu_<beta>), else None."""
-    if name == 'smelu_05':
-        return 0.5
-    m = _SMELU_RE.match(name) if isinstance(name, str) else None
-    beta = float(m.group(1)) if m else 0.0
-    return beta if beta > 0 else None
-
-
-def canonical_activation(name):
-    """One name per distinct function: silu -> swish, smelu_1 and smelu_1.0 -> smelu(beta=1.0).
-    Two names with one canonical form give identical predictions by design."""
-    beta = smelu_beta(name)
-    return f'smelu(beta={beta:g})' if beta is not None else ALIASES.get(name, name)
-
-
 def activation_fn(name):
     """(f, f', label) in numpy for an activation name; gated names give their gate's function.
-    Unknown names raise ValueError listing the known ones."""
-    beta = smelu_beta(name)
+    Unknown names raise activation_names' ValueError listing the valid ones."""
+    base = base_activation(name)
+    beta = smelu_beta(base)
     if beta is not None:
         return (*_smelu(beta), f'{name} (beta={beta:g})')
-    base = GATE_OF.get(name, ALIASES.get(name, name))
-    if base not in ACTIVATIONS:
-        known = list(ACTIVATIONS) + list(ALIASES) + list(GATE_OF) + ['smelu_05', 'smelu_<beta>']
-        raise ValueError(f"no numpy formula for activation {name!r}; known: {', '.join(known)}")
     label = f'{name} (gate: {base})' if name in GATE_OF else name
     return (*ACTIVATIONS[base], label)
 

@@ -20,67 +20,22 @@ import functools
 import hashlib
 import os
 import sys
-import urllib.request
 
 import numpy as np
 import torch
 
-from fileio import atomic_write
+from fileio import DATA_DIR_ENV, DataError, fetch_verified
+from mnist import DATASETS as CLASSIFICATION, ClassificationTask  # flat-input classification tasks
 
-PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
-DATA_DIR_ENV = 'REPRO_DATA_DIR'
 SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 SHAKESPEARE_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
 BUILTIN_TEXT = ('shakespeare_char',)
-CLASSIFICATION = ('mnist', 'mnist1d')  # flat-input classification tasks (mnist.py)
-
-
-class DataError(Exception):
-    """A missing, corrupt or unusable data file; the message says what to do."""
-
-
-def data_dir(path=None):
-    return path or os.environ.get(DATA_DIR_ENV) or os.path.join(PROJECT_DIR, 'data')
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download(url, dest, check):
-    """Download url to dest atomically; `check(tmp_path)` raises DataError if it is wrong."""
-    with urllib.request.urlopen(url, timeout=60) as r:
-        data = r.read()
-    atomic_write(dest, lambda f: f.write(data), check)
 
 
 def shakespeare_path(directory=None, fetch=True):
     """Path of the verified Tiny Shakespeare corpus, downloading it if absent."""
-    path = os.path.join(data_dir(directory), 'tinyshakespeare', 'input.txt')
-
-    def check(p):
-        digest = sha256_file(p)
-        if digest != SHAKESPEARE_SHA256:
-            raise DataError(f"{p}: sha256 {digest} does not match Tiny Shakespeare's "
-                            f"{SHAKESPEARE_SHA256}; the file is corrupt or another text "
-                            f"(delete it to download again)")
-
-    if os.path.exists(path):
-        check(path)
-        return path
-    if not fetch:
-        raise DataError(f"Tiny Shakespeare not found at {path}")
-    try:
-        download(SHAKESPEARE_URL, path, check)
-    except OSError as e:  # offline, DNS, HTTP errors
-        raise DataError(f"cannot download Tiny Shakespeare ({e}); put the file at {path} "
-                        f"(or point --data-dir / ${DATA_DIR_ENV} at a folder holding "
-                        f"tinyshakespeare/input.txt)") from None
-    return path
+    return fetch_verified(directory, os.path.join('tinyshakespeare', 'input.txt'), SHAKESPEARE_URL,
+                          SHAKESPEARE_SHA256, 'sha256', name='Tiny Shakespeare', fetch=fetch)
 
 
 class CharCorpus:
@@ -183,7 +138,6 @@ class CharTask:
 def make_task(config, directory=None):
     """The Task for config.dataset: mnist / mnist1d classification (mnist.py), else text."""
     if config.dataset in CLASSIFICATION:
-        from mnist import ClassificationTask  # imported here: mnist.py imports this module
         return ClassificationTask(config, directory)
     return CharTask(config, directory)
 

@@ -1,6 +1,8 @@
 """
 Run a whole study from one command: every model x activation x trial through the trainer
-(train.run_trial), then the analysis (analyze_results.analyze).
+(train.run_trial), then the analysis (analyze_results.analyze). This module is the command
+line, the study designs, the plan (which jobs, which are done), the dry run and its time
+estimate; sweep.py is the engine that runs the jobs (executors, lock, failure log).
 
     python run_all_experiments.py --config cpu                    # the default grid on the cpu preset
     python run_all_experiments.py --study seed_partial            # the original partial study (gpu preset)
@@ -37,37 +39,33 @@ PYTHONPATH). Results are identical to local execution at the same --threads on t
 hardware.
 """
 import argparse
-import datetime
 import difflib
 import glob
 import importlib
-import importlib.util
 import json
 import math
 import os
 import re
-import signal
-import socket
 import sys
-import threading
 import time
-import traceback
-from collections import deque
 from dataclasses import fields, replace
 from types import SimpleNamespace
 
 import torch
 
+import analyze_results
 import cli
+import sweep
 import train
-from activations import ACTIVATION_NAMES, check_activation
+from activation_names import ACTIVATION_NAMES, check_activation
 from config import Config, Parser
+from fileio import DataError, data_dir as resolve_data_dir
 from model_factories import CLASSIFIER_NAMES, MODEL_NAMES, build_model, check_memory, check_model, model_kind
-from prepare_data import CLASSIFICATION, DATA_DIR_ENV, DataError, data_dir as resolve_data_dir, make_task
+from prepare_data import CLASSIFICATION, make_task
+from sweep import RAY_INSTALL, job_name
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 BENCH_FIGURES = os.path.join(PROJECT_DIR, 'benchmarks', 'bench_sweep.json')
-RAY_INSTALL = 'pip install "ray[default]"'
 
 # ----------------------------------------------------------------------------- study designs
 
@@ -93,271 +91,6 @@ STUDY_NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
 
 def study_names():
     return list(DESIGNS) + list(DISPATCHED)
-
-
-# ----------------------------------------------------------------------------- one trial (any process)
-
-def _run_job(job, common, slot):
-    """Run one trial through train.run_trial; return a small picklable outcome, never raise
-    an Exception (KeyboardInterrupt and SystemExit pass: they stop the sweep)."""
-    t0 = time.time()
-    try:
-        r = train.run_trial(job['model'], job['activation'], job['trial'], common['config'],
-                            results_dir=common['results_dir'], study=common['study'], vary=common['vary'],
-                            device=slot['device'], dtype=common['dtype'], deterministic=common['deterministic'],
-                            compile=common['compile'], data_dir=common['data_dir'],
-                            save_checkpoints=common['save_checkpoints'], progress=False,
-                            force=common['force'], threads=slot['threads'])
-        m = r['metrics']
-        return {'ok': True, 'val_loss': m['val_loss'], 'val_accuracy': m['val_accuracy'],
-                'seconds': m['total_time']}
-    except Exception as e:  # noqa: BLE001 -- a trial's failure of any kind is recorded, not fatal
-        tb = traceback.format_exc()
-        if slot['device'].startswith('cuda'):
-            torch.cuda.empty_cache()  # after an out-of-memory error, give the next trial a clean slate
-        return {'ok': False, 'error': f"{type(e).__name__}: {e}", 'traceback': tb,
-                'seconds': time.time() - t0, 'host': socket.gethostname()}
-
-
-# ----------------------------------------------------------------------------- executors
-
-class InlineExecutor:
-    """--workers 1 on one device: trials run one after another in this process."""
-
-    def __init__(self, common, slot):
-        self.common, self.slot = common, slot
-        self._threads = torch.get_num_threads()
-
-    def run(self, jobs):
-        for job in jobs:
-            yield job, _run_job(job, self.common, self.slot)
-
-    def close(self, abort=False):
-        torch.set_num_threads(self._threads)  # run_trial set it for the trials; give it back
-
-
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds the trial: atomic_write removes its temp file
-
-
-def _die_with_parent(parent_pid):
-    """A worker must not outlive its sweep (a SIGKILLed driver would leave it training and
-    writing trials that the restarted sweep also trains)."""
-    try:  # Linux: the kernel kills us the moment the parent dies
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-    def watch():  # elsewhere (and as a backstop): notice within a second
-        while True:
-            if os.getppid() != parent_pid:
-                os._exit(1)
-            time.sleep(1.0)
-    threading.Thread(target=watch, daemon=True, name='parent-watch').start()
-
-
-def _worker_main(conn, common, slot, parent_pid):
-    # Ctrl-C in a terminal reaches every process of the group: the driver alone decides
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    _die_with_parent(parent_pid)
-    if slot['device'].startswith('cuda'):
-        torch.cuda.set_device(slot['device'])
-    while True:
-        try:
-            job = conn.recv()
-        except (EOFError, OSError):
-            return
-        if job is None:
-            return
-        conn.send(_run_job(job, common, slot))
-
-
-class PoolExecutor:
-    """N spawned worker processes, one slot (device, threads) each; the driver hands each
-    worker one trial at a time over its own pipe, so it always knows which trial a worker
-    holds: a worker that dies (killed, out of host memory) fails that trial and is replaced."""
-
-    def __init__(self, common, slots):
-        import multiprocessing
-        self.ctx = multiprocessing.get_context('spawn')  # no fork: torch threads and CUDA don't survive it
-        self.common, self.slots = common, slots
-        self.workers = [self._start(i) for i in range(len(slots))]
-
-    def _start(self, i):
-        parent, child = self.ctx.Pipe()
-        p = self.ctx.Process(target=_worker_main, args=(child, self.common, self.slots[i], os.getpid()),
-                             daemon=True, name=f'sweep-worker-{i}')
-        p.start()
-        child.close()
-        return {'i': i, 'proc': p, 'conn': parent, 'job': None}
-
-    def _replace(self, w):
-        w['conn'].close()
-        w['proc'].join(5)
-        self.workers[w['i']] = self._start(w['i'])
-
-    def run(self, jobs):
-        from multiprocessing.connection import wait
-        pending = deque(jobs)
-        while pending or any(w['job'] for w in self.workers):
-            for w in self.workers:
-                if w['job'] is None and pending:
-                    w['job'] = pending.popleft()
-                    try:
-                        w['conn'].send(w['job'])
-                    except OSError:  # a dead worker: noticed below, where its trial fails
-                        pass
-            busy = [w for w in self.workers if w['job'] is not None]
-            ready = set(wait([w['conn'] for w in busy] + [w['proc'].sentinel for w in busy], timeout=1.0))
-            for w in busy:
-                if w['conn'] not in ready and w['proc'].sentinel not in ready:
-                    continue
-                outcome = None
-                try:
-                    if w['conn'].poll():
-                        outcome = w['conn'].recv()
-                except (EOFError, OSError):
-                    pass
-                if outcome is None:
-                    if w['proc'].is_alive():
-                        continue
-                    w['proc'].join()
-                    code = w['proc'].exitcode
-                    why = f"exit code {code}"
-                    if code is not None and code < 0:
-                        try:
-                            why = f"killed by {signal.Signals(-code).name}"
-                        except ValueError:
-                            pass
-                    outcome = {'ok': False, 'error': f"worker process died ({why}) while running this trial",
-                               'traceback': None, 'seconds': None, 'host': socket.gethostname()}
-                    job = w['job']
-                    self._replace(w)
-                else:
-                    job, w['job'] = w['job'], None
-                yield job, outcome
-
-    def close(self, abort=False):
-        for w in self.workers:
-            if abort and w['job'] is not None:
-                w['proc'].terminate()  # SIGTERM: the trial unwinds and leaves no result
-            else:
-                try:
-                    w['conn'].send(None)
-                except OSError:
-                    pass
-        deadline = time.time() + 15
-        for w in self.workers:
-            w['proc'].join(max(0.1, deadline - time.time()))
-            if w['proc'].is_alive():
-                w['proc'].kill()
-                w['proc'].join()
-            w['conn'].close()
-
-
-class RayExecutor:
-    """Each trial a Ray task calling train.run_trial. Starts a local Ray instance unless
-    --ray-address is given or Ray is already initialised in this process."""
-
-    def __init__(self, common, slot, address, num_cpus, num_gpus, max_in_flight):
-        import ray
-        self.ray, self.common, self.slot = ray, common, slot
-        self.started = False
-        if not ray.is_initialized():
-            ray.init(address=address, log_to_driver=True,
-                     **({'include_dashboard': False} if address is None else {}))
-            self.started = True
-        # the tasks import this project (train, config, ...) from the same path as here
-        path = [PROJECT_DIR] + ([os.environ['PYTHONPATH']] if os.environ.get('PYTHONPATH') else [])
-        env = {'PYTHONPATH': os.pathsep.join(path)}
-        if os.environ.get(DATA_DIR_ENV):
-            env[DATA_DIR_ENV] = os.environ[DATA_DIR_ENV]
-        self.remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0,
-                                 runtime_env={'env_vars': env})(_run_job)
-        self.max_in_flight = max_in_flight
-        self.in_flight = {}
-
-    def run(self, jobs):
-        ray, pending, in_flight = self.ray, deque(jobs), self.in_flight
-        common = ray.put(self.common)
-        while pending or in_flight:
-            while pending and len(in_flight) < self.max_in_flight:
-                job = pending.popleft()
-                in_flight[self.remote.remote(job, common, self.slot)] = job
-            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-            for ref in done:
-                job = in_flight.pop(ref)
-                try:
-                    outcome = ray.get(ref)
-                except Exception as e:  # noqa: BLE001 -- the task's worker died, the node was lost, ...
-                    text = re.sub(r'\x1b\[[0-9;]*m', '', str(e))
-                    last = ([ln.strip() for ln in text.splitlines() if ln.strip()] or [''])[-1]
-                    outcome = {'ok': False, 'error': f"{type(e).__name__}: {last}", 'traceback': text,
-                               'seconds': None, 'host': None}
-                yield job, outcome
-
-    def close(self, abort=False):
-        if abort:
-            for ref in self.in_flight:
-                self.ray.cancel(ref, force=True)
-        if self.started:
-            self.ray.shutdown()
-
-
-# ----------------------------------------------------------------------------- files
-
-def append_failure(path, record):
-    """Append one JSON line with a single os.write, then fsync: a kill leaves either the
-    whole line or none of it (a line cut short by an older crash gets a newline first)."""
-    line = (json.dumps(record, default=str) + '\n').encode()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b'\n':
-            line = b'\n' + line
-        while line:  # one write for any line of sane size; loop only on a short write
-            line = line[os.write(fd, line):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def stray_temp_files(study_dir):
-    """Temp files of fileio.atomic_write (.trial_<k>.<ext>XXXX.tmp) left by a killed run."""
-    return sorted(glob.glob(os.path.join(study_dir, '*', '*', '.trial_*.tmp')))
-
-
-class StudyLock:
-    """<study>/.sweep.lock, held (flock) while a sweep runs; the kernel drops it when the
-    process dies, however it dies."""
-
-    def __init__(self, study_dir):
-        self.path, self.fd = os.path.join(study_dir, '.sweep.lock'), None
-        os.makedirs(study_dir, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            import fcntl
-        except ImportError:  # no flock here: no protection against two sweeps, no harm either
-            self.fd = fd
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 64, 0).decode(errors='replace').strip() or '?'
-            os.close(fd)
-            raise ValueError(f"another sweep (pid {holder}) is running on {study_dir}; wait for it "
-                             f"or use another --study / --results-dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-
-    def release(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
 
 # ----------------------------------------------------------------------------- time estimate
@@ -563,19 +296,6 @@ def _pick_names(given, default, valid, check, what):
     return list(dict.fromkeys(names))
 
 
-def _cores():
-    try:
-        n = int(os.environ.get('OMP_NUM_THREADS', ''))
-        if n > 0:
-            return n
-    except ValueError:
-        pass
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def make_plan(args):
     """Validate everything and work out the sweep; raises ValueError or DataError with a
     one-line message before anything is trained or written."""
@@ -605,50 +325,11 @@ def make_plan(args):
         if m != 'all':
             check_model(m)
 
-    # execution: slots of (device, threads)
-    ray_flags = [f for f in ('ray_address', 'ray_num_cpus', 'ray_num_gpus') if getattr(args, f) is not None]
-    if args.executor == 'ray':
-        if importlib.util.find_spec('ray') is None:
-            raise ValueError(f"--executor ray needs Ray, which is not installed: {RAY_INSTALL}")
-        if args.trials_per_gpu is not None:
-            raise ValueError("--trials-per-gpu is for local workers; with Ray use --ray-num-gpus (e.g. 0.5)")
-        ncpus = 1.0 if args.ray_num_cpus is None else args.ray_num_cpus
-        ngpus = 0.0 if args.ray_num_gpus is None else args.ray_num_gpus
-        if ncpus < 0 or ngpus < 0 or ncpus + ngpus == 0:
-            raise ValueError("--ray-num-cpus and --ray-num-gpus must be >= 0, not both 0")
-        # the device is the task's, on whichever node runs it: not checked against this machine
-        if args.device not in ('auto', 'cpu', 'cuda'):
-            raise ValueError(f"--device {args.device} with Ray: use auto, cpu or cuda (Ray picks the GPU)")
-        if args.device == 'cuda' and ngpus == 0:
-            raise ValueError("--device cuda with Ray needs --ray-num-gpus > 0 (GPUs per trial)")
-        if args.device == 'cpu' and ngpus > 0:
-            raise ValueError("--ray-num-gpus > 0 reserves GPUs that --device cpu would not use")
-        threads = args.threads or max(1, int(ncpus))
-        slots = [{'device': 'cuda' if ngpus > 0 else 'cpu', 'threads': threads}]
-        workers = args.workers  # with Ray: at most this many trials in flight (default: all)
-        execution = (f"Ray tasks ({ncpus:g} CPU, {ngpus:g} GPU, {threads} thread(s) per trial"
-                     + (f", at most {workers} at once" if workers else '') + ')')
-    else:
-        if ray_flags:
-            raise ValueError(f"{', '.join('--' + f.replace('_', '-') for f in ray_flags)} go with --executor ray")
-        dev = train.resolve_device(args.device)
-        train.autocast_dtype(args.dtype, dev)
-        if dev.type == 'cuda':
-            devices = ([f'cuda:{i}' for i in range(torch.cuda.device_count())] if dev.index is None
-                       else [str(dev)])
-            per_gpu = args.trials_per_gpu or 1
-            workers = args.workers or len(devices) * per_gpu
-            if workers > len(devices) * per_gpu:
-                raise ValueError(f"--workers {workers} would put more than --trials-per-gpu {per_gpu} on one of "
-                                 f"the {len(devices)} device(s); raise --trials-per-gpu")
-        else:
-            if args.trials_per_gpu is not None:
-                raise ValueError(f"--trials-per-gpu is for CUDA devices; this sweep runs on {dev}")
-            devices, workers = ['cpu'], args.workers or 1
-        threads = args.threads or max(1, _cores() // workers)
-        slots = [{'device': devices[i % len(devices)], 'threads': threads} for i in range(workers)]
-        execution = (f"{workers} worker process(es)" if workers > 1 else "in this process") + \
-            f" on {', '.join(sorted(set(s['device'] for s in slots)))}, {threads} thread(s) per trial"
+    devices, workers, threads, ray, execution = sweep.layout(
+        args.executor, args.device, args.workers, args.threads, args.trials_per_gpu,
+        args.ray_address, args.ray_num_cpus, args.ray_num_gpus)
+    if ray is None:
+        train.autocast_dtype(args.dtype, torch.device(devices[0]))  # float16 on CPU: refused now
 
     kind = 'classification' if config.dataset in CLASSIFICATION else 'lm'  # as make_task decides
     kind_models = MODEL_NAMES if kind == 'lm' else CLASSIFIER_NAMES
@@ -671,35 +352,36 @@ def make_plan(args):
     study_dir = os.path.join(results_dir, study)
     check_analysis_args(args, activations, study_dir)
     # memory before the data: an impossible block_size makes GBs of evaluation windows
-    plan_memory(models, activations, config, args, slots)
+    plan_memory(models, activations, config, ray, devices)
 
     # the data: fixes vocab_size etc., which are part of every trial's identity. A dry run reads
     # none: it takes those fields from the study's saved trials, or says they are unknown
     data_dir = os.path.abspath(resolve_data_dir(args.data_dir))
     if args.dry_run:
-        task = SimpleNamespace(kind=kind)
         saved = saved_data_fields(study_dir, kind, config)
-        full = replace(config, **saved)
+        task = SimpleNamespace(kind=kind, config_updates=lambda: saved)
         data_note = (f"data not read (dry run): {', '.join(f'{k} {v}' for k, v in saved.items())} from the saved "
                      f"trials" if saved else "data not read (dry run) and no trial saved yet: vocab_size unknown")
     else:
         task = make_task(config, data_dir)
-        full = replace(config, **task.config_updates())
         data_note = None
-    memory = plan_memory(models, activations, full, args, slots)
+    full = replace(config, **task.config_updates())
+    memory = plan_memory(models, activations, full, ray, devices)
+
+    opts = train.run_options(args, results_dir=results_dir, data_dir=data_dir, threads=threads, progress=False)
+    jobs = [{'model': m, 'activation': a, 'trial': k, 'study': study, 'config': config}
+            for m in models for a in activations for k in range(trials)]
     to_run, done, conflicts = [], [], []
-    for m in models:
-        for a in activations:
-            for k in range(trials):
-                job = {'model': m, 'activation': a, 'trial': k}
-                path = train.trial_path(results_dir, study, m, a, k)
-                state = train.existing_trial(path, train.trial_identity(task, m, a, k, args.vary, full))
-                if state == 'done' and not args.force:
-                    done.append(job)
-                else:
-                    to_run.append(job)
-                    if state not in ('absent', 'done') and not args.force:
-                        conflicts.append((path, state))
+    tasks = {_config_key(config): task}  # the one config of this plan: trial_state makes no other Task
+    for job in jobs:
+        path, state = trial_state(job, opts, tasks)
+        if state == 'done' and not args.force:
+            done.append(job)
+        else:
+            to_run.append(job)
+            if state not in ('absent', 'done') and not args.force:
+                conflicts.append((path, state))
+
     if conflicts:
         path, state = conflicts[0]
         raise ValueError(f"{len(conflicts)} existing result(s) in {study_dir} belong to another config or seeds "
@@ -714,14 +396,12 @@ def make_plan(args):
         close = difflib.get_close_matches(args.study, study_names(), n=1, cutoff=0.8)
         if close:
             note = f"note: {args.study!r} is not a study design (did you mean {close[0]}?); running it as a plain study"
-    common = {'config': config, 'results_dir': results_dir, 'study': study, 'vary': args.vary,
-              'dtype': args.dtype, 'deterministic': args.deterministic, 'compile': args.compile,
-              'data_dir': data_dir, 'save_checkpoints': args.save_checkpoints, 'force': args.force}
     return {'design': args.study if design else None, 'overrides': overrides, 'note': note, 'study': study,
             'study_dir': study_dir, 'results_dir': results_dir, 'config': full, 'preset': args.config,
             'models': models, 'activations': activations, 'trials': trials, 'to_run': to_run, 'done': done,
-            'common': common, 'slots': slots, 'workers': workers, 'threads': threads, 'execution': execution,
-            'executor': args.executor, 'vary': args.vary, 'memory': memory, 'data_note': data_note}
+            'opts': opts, 'slots': [replace(opts, device=d) for d in devices], 'workers': workers,
+            'threads': threads, 'execution': execution, 'executor': args.executor, 'ray': ray, 'vary': args.vary,
+            'memory': memory, 'data_note': data_note}
 
 
 def saved_data_fields(study_dir, kind, config):
@@ -753,18 +433,16 @@ def check_analysis_args(args, activations, study_dir):
         raise ValueError(f"--baseline {args.baseline!r} is not an activation of this study; valid: {', '.join(valid)}")
 
 
-def plan_memory(models, activations, config, args, slots):
+def plan_memory(models, activations, config, ray, devices):
     """Refuse (ValueError, one line with the estimate) a sweep whose trials cannot fit in
-    memory: on CPU all --workers at once in the machine's available memory, on CUDA the
+    memory: on CPU all workers at once in the machine's available memory, on CUDA the
     trials placed on each device in its free memory. Where the data has not fixed
     vocab_size yet the estimate is a lower bound. Returns a line for the plan."""
-    if args.executor == 'ray':
+    if ray is not None:
         return "memory: not checked here (Ray runs the trials on its nodes)"
     pairs = [(m, a) for m in models for a in activations]
-    per_device = {}
-    for s in slots:
-        per_device[s['device']] = per_device.get(s['device'], 0) + 1
-    for device, n in per_device.items():
+    for device in sorted(set(devices)):
+        n = devices.count(device)
         est, avail = check_memory(pairs, train.lower_bound_config(config), torch.device(device), concurrent=n)
     return (f"memory: about {cli.fmt_bytes(est['total'])} per trial at most"
             + (" (a lower bound: vocab_size unknown)" if not config.vocab_size else '')
@@ -772,15 +450,21 @@ def plan_memory(models, activations, config, args, slots):
             + (f"{cli.fmt_bytes(avail)} available" if avail is not None else "available memory unknown here"))
 
 
-def _name(job):
-    return f"{job['model']}/{job['activation']} trial {job['trial']}"
+def _config_key(config):
+    return json.dumps(config.to_dict(), sort_keys=True)
 
 
-def projection(plan, seconds, left):
-    """The projected time of the rest of a sweep, from its first finished trial."""
-    at_once = min(max(1, left), len(plan['slots']) if plan['executor'] == 'local' else plan['workers'] or left)
-    return (f"projected: ~{_fmt_seconds(left * seconds / at_once)} more for the {left} trial(s) left "
-            f"({seconds:.1f} s for this one, {at_once} at once; an estimate of time only)")
+def trial_state(job, opts, tasks):
+    """(result path, train.existing_trial state) of a job, checked against the job's own
+    config and study; `tasks` caches the Task of each config."""
+    key = _config_key(job['config'])
+    if key not in tasks:
+        tasks[key] = make_task(job['config'], opts.data_dir)
+    task = tasks[key]
+    full = replace(job['config'], **task.config_updates())
+    path = train.trial_path(opts.results_dir, job['study'], job['model'], job['activation'], job['trial'])
+    return path, train.existing_trial(path, train.trial_identity(task, job['model'], job['activation'],
+                                                                 job['trial'], opts.vary, full))
 
 
 def describe(plan):
@@ -791,7 +475,7 @@ def describe(plan):
     lines = [what,
              f"  {len(plan['models'])} model(s) x {len(plan['activations'])} activation(s) x {plan['trials']} "
              f"trial(s) = {n}: {len(plan['done'])} done, {len(plan['to_run'])} to run; vary {plan['vary']}"
-             + ('; deterministic' if plan['common']['deterministic'] else ''),
+             + ('; deterministic' if plan['opts'].deterministic else ''),
              f"  models: {' '.join(plan['models'])}; activations: {' '.join(plan['activations'])}",
              f"  {plan['execution']}; results in {plan['study_dir']}",
              f"  {plan['memory']}"]
@@ -805,12 +489,12 @@ def describe(plan):
 def dry_run(plan):
     print(describe(plan))
     per, source, missing = estimate(plan)
-    width = max([len(_name(j)) for j in plan['to_run'] + plan['done']] + [10])
+    width = max([len(job_name(j)) for j in plan['to_run'] + plan['done']] + [10])
     for job, s in zip(plan['to_run'], per):
-        print(f"  to run  {_name(job):{width}s}  " + (f"~{_fmt_seconds(s)}" if s is not None else 'no estimate'))
+        print(f"  to run  {job_name(job):{width}s}  " + (f"~{_fmt_seconds(s)}" if s is not None else 'no estimate'))
     for job in plan['done']:
-        print(f"  done    {_name(job):{width}s}  " +
-              _show_path(train.trial_path(plan['results_dir'], plan['study'], job['model'],
+        print(f"  done    {job_name(job):{width}s}  " +
+              _show_path(train.trial_path(plan['results_dir'], job['study'], job['model'],
                                                job['activation'], job['trial'])))
     known = [s for s in per if s is not None]
     if not plan['to_run']:
@@ -834,68 +518,9 @@ def dry_run(plan):
     return 0
 
 
-def run_sweep(plan, executor_factory):
-    """Run the plan's trials; returns (finished, failed, interrupted)."""
-    from tqdm import tqdm
-    to_run, done = plan['to_run'], plan['done']
-    total = len(to_run) + len(done)
-    failures_path = os.path.join(plan['study_dir'], 'failures.jsonl')
-    finished, failed, interrupted = [], [], False
-    executor = None
-    # disable=None: a live bar on a terminal, silence in logs and CI
-    bar = tqdm(total=total, initial=len(done), unit='trial', desc=plan['study'], dynamic_ncols=True, disable=None)
-    try:
-        executor = executor_factory() if to_run else None
-        for job, out in (executor.run(to_run) if executor else ()):
-            count = f"[{len(done) + len(finished) + len(failed) + 1}/{total}]"
-            if out['ok']:
-                finished.append(job)
-                bar.write(f"{count} {_name(job)}: val loss {out['val_loss']:.4f}  accuracy "
-                          f"{out['val_accuracy']:.4f}  {out['seconds']:.1f} s", file=sys.stdout)
-                if len(finished) == 1 and len(to_run) > 1 + len(failed):
-                    bar.write(projection(plan, out['seconds'], len(to_run) - 1 - len(failed)), file=sys.stdout)
-            else:
-                failed.append(job)
-                append_failure(failures_path, {
-                    **job, 'study': plan['study'], 'error': out['error'], 'traceback': out['traceback'],
-                    'time': datetime.datetime.now().astimezone().isoformat(), 'seconds': out['seconds'],
-                    'host': out.get('host'), 'executor': plan['executor']})
-                bar.write(f"{count} FAILED {_name(job)}: {out['error']}", file=sys.stdout)
-                bar.set_postfix(failed=len(failed), refresh=False)
-            bar.update(1)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        bar.close()
-        if executor is not None:
-            try:
-                executor.close(abort=interrupted)
-            except KeyboardInterrupt:  # a second Ctrl-C: do not wait for anything
-                interrupted = True
-    return finished, failed, interrupted
-
-
-def make_executor(plan, args):
-    if plan['executor'] == 'ray':
-        s = plan['slots'][0]
-        return lambda: RayExecutor(plan['common'], s, args.ray_address,
-                                   1.0 if args.ray_num_cpus is None else args.ray_num_cpus,
-                                   0.0 if args.ray_num_gpus is None else args.ray_num_gpus,
-                                   plan['workers'] or max(1, len(plan['to_run'])))
-    if len(plan['slots']) == 1:
-        return lambda: InlineExecutor(plan['common'], plan['slots'][0])
-    return lambda: PoolExecutor(plan['common'], plan['slots'][:max(1, len(plan['to_run']))])
-
-
 def analyze_study(plan, args):
     """Run the analysis quietly (its warnings go to stderr); returns (ok, a phrase for the
     sweep's closing line or None)."""
-    try:
-        import analyze_results
-    except ImportError as e:
-        print(f"error: cannot run the analysis ({e}); the trials are saved: rerun with --no-analyze, or "
-              f"analyse later with analyze_results.py --results-dir {plan['study_dir']}", file=sys.stderr)
-        return False, None
     kwargs = {'plots_dir': args.plots_dir}
     if args.baseline:
         kwargs['baseline'] = args.baseline
@@ -937,20 +562,18 @@ def _main(argv):
         return dry_run(plan)
 
     try:
-        lock = StudyLock(plan['study_dir'])
+        lock = sweep.StudyLock(plan['study_dir'])
     except ValueError as e:
         parser.exit(cli.EXIT_USAGE, f"error: {e}\n")
     except OSError as e:
         parser.exit(cli.EXIT_FAILURE, f"error: {cli.os_error_message(e)}\n")
     try:
         print(describe(plan), flush=True)
-        strays = stray_temp_files(plan['study_dir'])
-        for path in strays:  # we hold the lock: no sweep of ours is writing them
-            os.remove(path)
+        strays = sweep.remove_stray_temp_files(plan['study_dir'])  # we hold the lock
         if strays:
-            print(f"removed {len(strays)} temp file(s) left by an interrupted run")
+            print(f"removed {strays} temp file(s) left by an interrupted run")
         t0 = time.time()
-        finished, failed, interrupted = run_sweep(plan, make_executor(plan, args))
+        finished, failed, interrupted = sweep.run_sweep(plan, sweep.make_executor(plan))
         wall = time.time() - t0
     except OSError as e:  # the study folder itself (failures.jsonl, a stray temp file) cannot be written
         parser.exit(cli.EXIT_FAILURE, f"error: {cli.os_error_message(e)}\n")
@@ -960,7 +583,7 @@ def _main(argv):
     if interrupted:
         left = len(plan['to_run']) - len(finished) - len(failed)
         print(f"interrupted: {len(finished)} trial(s) finished in this run"
-              + (f" ({', '.join(map(_name, finished))})" if finished else '')
+              + (f" ({', '.join(map(job_name, finished))})" if finished else '')
               + f", {len(failed)} failed, {left} not finished (running ones were stopped and left no result); "
               f"{len(plan['done']) + len(finished)} of {len(plan['done']) + len(plan['to_run'])} done in "
               f"{plan['study_dir']}. Run the same command again to resume.", file=sys.stderr)
@@ -970,7 +593,7 @@ def _main(argv):
     print(f"{len(finished)} trial(s) trained, {len(plan['done'])} already done, {len(failed)} failed "
           f"in {_fmt_seconds(wall)}" + (f"; {analysis}" if analysis else ''))
     if failed:
-        print(f"error: {len(failed)} trial(s) failed: {', '.join(map(_name, failed))}; errors and tracebacks in "
+        print(f"error: {len(failed)} trial(s) failed: {', '.join(map(job_name, failed))}; errors and tracebacks in "
               f"{os.path.join(plan['study_dir'], 'failures.jsonl')}", file=sys.stderr)
         return cli.EXIT_FAILURE
     return cli.EXIT_OK if ok else cli.EXIT_FAILURE
@@ -987,6 +610,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    import run_all_experiments  # one module object: workers and Ray tasks import it by this name
     cli.stop_promptly_on_ctrl_c()
-    sys.exit(run_all_experiments.main())
+    sys.exit(main())

@@ -30,19 +30,20 @@ import sys
 import time
 import traceback
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from activations import ACTIVATION_NAMES
 from cli import (EXIT_FAILURE, EXIT_INTERRUPT, EXIT_USAGE, ProgressLog, check_writable, exit_help,
                  os_error_message, stop_promptly_on_ctrl_c)
 from config import Config, Parser, add_config_args, config_from_args
-from fileio import atomic_write, write_json
+from fileio import DataError, atomic_write, sha256_file, write_json
 from model_factories import (ALL_MODEL_NAMES, build_model, check_activation, check_memory, check_model,
                              count_parameters, model_kind)
-from prepare_data import DataError, make_task, sha256_file
+from prepare_data import make_task
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 VARY_MODES = ('all', 'init', 'data', 'dropout', 'none')
@@ -51,6 +52,23 @@ SCHEMA_VERSION = 1
 
 class TrainingError(RuntimeError):
     """A trial that cannot produce a valid result (non-finite loss, ...)."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How trials run, as opposed to what they train (Config): the same for every trial of
+    a sweep, except device and threads, which the sweep sets per worker slot."""
+    results_dir: str = 'results'
+    vary: str = 'all'              # which seeds follow the trial (VARY_MODES)
+    device: str = 'auto'           # auto | cpu | cuda | cuda:N
+    dtype: str = 'auto'            # autocast dtype (autocast_dtype)
+    deterministic: bool = False    # PyTorch's deterministic algorithms
+    compile: bool = False          # torch.compile the model
+    data_dir: str | None = None    # None: $REPRO_DATA_DIR or ./data
+    save_checkpoints: bool = False  # also save trial_<k>.pt
+    force: bool = False            # rerun (overwrite) a trial whose result exists
+    threads: int | None = None     # torch CPU threads (None: leave as is)
+    progress: bool = True          # a progress bar on a terminal
 
 
 # ----------------------------------------------------------------------------- seeds, files
@@ -262,46 +280,45 @@ def predict(model, task, device, amp, batch_size=256):
 
 # ----------------------------------------------------------------------------- one trial
 
-def run_trial(model_name, activation, trial, config, results_dir='results', study=None,
-              vary='all', device='auto', dtype='auto', deterministic=False, compile=False,
-              data_dir=None, save_checkpoints=False, progress=True, force=False, threads=None):
-    """Train one trial and save its .npz and .json. Returns the result record.
-    If the trial is already done (same identity) and not `force`, returns the saved record.
-    A result with a different identity is never overwritten without `force`."""
+def run_trial(model_name, activation, trial, config, study, opts=RunOptions()):
+    """Train one trial and save its .npz and .json under opts.results_dir/study. Returns the
+    result record. If the trial is already done (same identity) and not opts.force, returns
+    the saved record. A result with a different identity is never overwritten without force."""
     t_start = time.time()
     started_at = datetime.datetime.now().astimezone().isoformat()
     check_model(model_name)
     check_activation(activation)
+    vary = opts.vary
     seeds = trial_seeds(config.seed_base, trial, vary)
     study = study or 'default'
-    json_path = trial_path(results_dir, study, model_name, activation, trial)
+    json_path = trial_path(opts.results_dir, study, model_name, activation, trial)
     npz_path = json_path[:-len('json')] + 'npz'
-    dev = resolve_device(device)
-    amp_dtype = autocast_dtype(dtype, dev)
-    if threads:
-        torch.set_num_threads(threads)
+    dev = resolve_device(opts.device)
+    amp_dtype = autocast_dtype(opts.dtype, dev)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
 
-    task = make_task(config, data_dir)
+    task = make_task(config, opts.data_dir)
     if model_kind(model_name) != task.kind:
         raise ValueError(f"model {model_name!r} trains on {model_kind(model_name)} data, but dataset "
                          f"{config.dataset!r} is a {task.kind} task")
     config = replace(config, **task.config_updates())
     identity = trial_identity(task, model_name, activation, trial, vary, config)
     state = existing_trial(json_path, identity)
-    if state == 'done' and not force:
+    if state == 'done' and not opts.force:
         with open(json_path) as f:
             return json.load(f)
-    if state != 'absent' and not force:
+    if state != 'absent' and not opts.force:
         raise FileExistsError(f"{json_path} exists and is {state}; use another --study or "
                               f"--results-dir, or --force to overwrite it")
 
-    set_determinism(deterministic, dev)
+    set_determinism(opts.deterministic, dev)
     torch.manual_seed(seeds['dropout'])  # the global RNG drives dropout (and router noise)
     train_stream = task.train_batches(config.batch_size, torch.Generator().manual_seed(seeds['data']))
     model = build_model(model_name, activation, config, seed=seeds['init']).to(dev)
     n_params = count_parameters(model)
     optimizer = make_optimizer(model, config, dev)
-    step_model = torch.compile(model) if compile else model
+    step_model = torch.compile(model) if opts.compile else model
     amp = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     if dev.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(dev)
@@ -311,7 +328,7 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
     eval_time, last_loss, grad_norm = 0.0, float('nan'), None
     # on CUDA, reading the loss forces a sync: read it every 10 steps there, every step on CPU
     check_every = 10 if dev.type == 'cuda' else 1
-    bar = _progress(config.max_iters, f"{model_name}/{activation} trial {trial}", progress)
+    bar = _progress(config.max_iters, f"{model_name}/{activation} trial {trial}", opts.progress)
     log = ProgressLog(f"{model_name}/{activation} trial {trial}", config.max_iters, n_evaluations(config))
     t_train = time.time()
     it = 0
@@ -386,16 +403,16 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
               'targets': (task.eval_y[:, -1] if task.eval_y.dim() == 2 else task.eval_y).numpy().astype(np.int64),
               **extras}
     atomic_write(npz_path, lambda f: np.savez(f, **arrays))
-    if save_checkpoints:
+    if opts.save_checkpoints:
         atomic_write(json_path[:-len('json')] + 'pt', lambda f: torch.save(model.state_dict(), f))
     metrics['total_time'] = time.time() - t_start
     record = {
         'schema_version': SCHEMA_VERSION, 'source': 'measured', 'study': study, **identity,
-        'deterministic': deterministic, 'dtype': str(amp_dtype or torch.float32).replace('torch.', ''),
+        'deterministic': opts.deterministic, 'dtype': str(amp_dtype or torch.float32).replace('torch.', ''),
         'data': task.data_info, 'eval_hash': task.eval_hash,
         'predictions_file': os.path.basename(npz_path), 'predictions_sha256': sha256_file(npz_path),
         'metrics': metrics, 'history': history,
-        'provenance': {**provenance(dev, deterministic), 'started_at': started_at,
+        'provenance': {**provenance(dev, opts.deterministic), 'started_at': started_at,
                        'finished_at': datetime.datetime.now().astimezone().isoformat()},
     }
     write_json(json_path, record)
@@ -416,7 +433,6 @@ class _NoBar:
 def _progress(total, desc, enabled):
     if not enabled:
         return _NoBar()
-    from tqdm import tqdm
     # disable=None: a live bar on a terminal, silence in logs and CI
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
 
@@ -446,6 +462,14 @@ def config_and_study(args):
         args.dataset = args.data
     config = config_from_args(args)
     return config, args.study or args.config
+
+
+def run_options(args, **changes):
+    """RunOptions from the flags of add_run_args plus --threads (both command lines have it)."""
+    return replace(RunOptions(results_dir=args.results_dir, vary=args.vary, device=args.device, dtype=args.dtype,
+                              deterministic=args.deterministic, compile=args.compile, data_dir=args.data_dir,
+                              save_checkpoints=args.save_checkpoints, force=args.force,
+                              threads=args.threads), **changes)
 
 
 def preflight(args, config, study):
@@ -517,13 +541,11 @@ def main(argv=None):
     except OSError as e:
         parser.exit(EXIT_FAILURE, f"error: {os_error_message(e)}\n")
 
-    rows, trained = [], 0
+    rows, trained, opts = [], 0, run_options(args)
     for k, state in zip(range(args.first_trial, args.first_trial + args.trials), states):
         name = f"{args.model}/{args.activation} trial {k}"
         try:
-            r = run_trial(args.model, args.activation, k, config, args.results_dir, study, args.vary,
-                          args.device, args.dtype, args.deterministic, args.compile, args.data_dir,
-                          args.save_checkpoints, progress=True, force=args.force, threads=args.threads)
+            r = run_trial(args.model, args.activation, k, config, study, opts)
         except KeyboardInterrupt:
             parser.exit(EXIT_INTERRUPT, f"interrupted: {name} stopped and left no result; {len(rows)} trial(s) "
                                         f"done before it. Run the same command again to resume.\n")

@@ -25,9 +25,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import run_all_experiments as sweep  # noqa: E402
+import run_all_experiments  # noqa: E402
+import sweep  # noqa: E402
 import train  # noqa: E402
 from config import Config, Parser  # noqa: E402
+from fileio import write_json  # noqa: E402
 
 
 def run_once(workers, args, passthrough):
@@ -62,16 +64,16 @@ def main(argv=None):
     parser.add_argument('--activations', nargs='+', default=['relu', 'gelu'])
     parser.add_argument('--trials', type=int, default=3)
     parser.add_argument('--workers', nargs='+', type=int, default=[1, 2], help='worker counts to time')
-    parser.add_argument('--out', default=None, help=f"figures JSON (default: {os.path.relpath(sweep.BENCH_FIGURES)} "
+    parser.add_argument('--out', default=None, help=f"figures JSON (default: {os.path.relpath(run_all_experiments.BENCH_FIGURES)} "
                         "unless config overrides are given); 'none' to write nothing")
     args, passthrough = parser.parse_known_args(argv)
     overrides = [a for a in passthrough if a.startswith('--') and a[2:].split('=')[0] in
                  set(Config.__dataclass_fields__)]
-    out = args.out if args.out is not None else (None if overrides else sweep.BENCH_FIGURES)
+    out = args.out if args.out is not None else (None if overrides else run_all_experiments.BENCH_FIGURES)
     if out == 'none':
         out = None
 
-    cores = sweep._cores()
+    cores = sweep.cores()
     print(f"sweep of {len(args.models)} models ({' '.join(args.models)}) x {len(args.activations)} activations "
           f"({' '.join(args.activations)}) x {args.trials} trials, preset {args.config}"
           + (f" with {' '.join(passthrough)}" if passthrough else '')
@@ -96,7 +98,7 @@ def main(argv=None):
     print("wall s: the whole command, all-in; sum trial s: the trials' own all-in times (metrics.total_time); "
           "speed-up relative to the first row")
     if out:
-        train.write_json(out, {
+        write_json(out, {
             'source': 'measured', 'benchmark': 'bench_sweep', 'date': datetime.datetime.now().astimezone().isoformat(),
             'hostname': socket.gethostname(), 'cores': cores, 'preset': args.config, 'passthrough': passthrough,
             'git_commit': train._git('rev-parse', 'HEAD') or None, 'runs': rows, 'trials': all_trials})

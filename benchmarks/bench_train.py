@@ -72,8 +72,8 @@ def main():
         if name in all_in:
             with tempfile.TemporaryDirectory() as d:
                 t0 = time.perf_counter()
-                r = train.run_trial(name, args.activation, 0, config, d, 'bench', data_dir=args.data_dir,
-                                    progress=False)
+                r = train.run_trial(name, args.activation, 0, config, 'bench',
+                                    train.RunOptions(d, data_dir=args.data_dir, progress=False))
                 trial = f"{time.perf_counter() - t0:15.1f} {r['metrics']['val_loss']:9.4f}"
         print(f"{name:16s} {step * 1000:9.1f} {tokens / step:10,.0f} {fwd * 1000:14.1f} {trial}", flush=True)
 

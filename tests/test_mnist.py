@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+import fileio
 import mnist
-import prepare_data
 import train
 from config import get_config
 from model_factories import CLASSIFIER_NAMES, MODEL_NAMES, build_model, check_model, count_parameters
-from prepare_data import DataError, make_task
+from fileio import DataError, write_json
+from prepare_data import make_task
 
 
 def idx_bytes(array, code=0x08):
@@ -91,7 +92,7 @@ def test_md5_mismatch_is_an_error(tmp_path):
 def test_offline_without_mnist_says_where_to_put_it(tmp_path, monkeypatch):
     def no_network(*a, **k):
         raise OSError('network unreachable')
-    monkeypatch.setattr(prepare_data.urllib.request, 'urlopen', no_network)
+    monkeypatch.setattr(fileio.urllib.request, 'urlopen', no_network)
     with pytest.raises(DataError) as e:
         mnist.mnist_path('test_labels', str(tmp_path))
     msg = str(e.value)
@@ -127,7 +128,8 @@ def test_mnist_trial_with_tiny_files(tiny_mnist, tmp_path):
     assert (len(task.train_y), len(task.eval_y), len(task.test_y)) == (40, 20, 20)
     assert task.config_updates() == {'vocab_size': 10, 'n_inputs': 784, 'n_eval': 20, 'max_iters': 5}
     assert abs(float(task.eval_x.mean())) < 5  # standardised pixels, not raw bytes
-    r = train.run_trial('ffn', 'relu', 0, cfg, str(tmp_path / 'res'), 's', data_dir=tiny_mnist, progress=False)
+    r = train.run_trial('ffn', 'relu', 0, cfg, 's', train.RunOptions(str(tmp_path / 'res'), data_dir=tiny_mnist,
+                                                                      progress=False))
     m = r['metrics']
     assert m['iters'] == 5 and 0 <= m['test_accuracy'] <= 1 and m['n_test'] == 20
     assert r['data']['md5']['train-images-idx3-ubyte.gz'] == mnist.MNIST_FILES['train_images'][1]
@@ -201,10 +203,11 @@ def test_ffn_model_widths_and_registry():
 
 def test_model_and_task_kinds_must_match(mnist1d_dir, tiny_corpus, tmp_path):
     with pytest.raises(ValueError, match="model 'minigpt' trains on lm data, but dataset 'mnist1d'"):
-        train.run_trial('minigpt', 'gelu', 0, get_config('mnist_ffn'), str(tmp_path), data_dir=mnist1d_dir,
-                        progress=False)
+        train.run_trial('minigpt', 'gelu', 0, get_config('mnist_ffn'), None,
+                        train.RunOptions(str(tmp_path), data_dir=mnist1d_dir, progress=False))
     with pytest.raises(ValueError, match="model 'ffn' trains on classification data"):
-        train.run_trial('ffn', 'relu', 0, get_config('cpu', dataset=tiny_corpus), str(tmp_path), progress=False)
+        train.run_trial('ffn', 'relu', 0, get_config('cpu', dataset=tiny_corpus), None,
+                        train.RunOptions(str(tmp_path), progress=False))
     assert not list(tmp_path.rglob('*.json'))
 
 
@@ -292,13 +295,12 @@ def test_study_cli_rejects_swept_flags(tmp_path, capsys):
 
 def test_results_saved_before_the_classifier_fields_existed_still_resume(mnist1d_dir, tmp_path):
     cfg = get_config('mnist_ffn')
-    r = train.run_trial('ffn', 'relu', 0, cfg, str(tmp_path), 's', data_dir=mnist1d_dir, progress=False)
+    opts = train.RunOptions(str(tmp_path), data_dir=mnist1d_dir, progress=False)
+    r = train.run_trial('ffn', 'relu', 0, cfg, 's', opts)
     path = train.trial_path(str(tmp_path), 's', 'ffn', 'relu', 0)
     # a config field added later (here: depth, at its default) is absent from an old record
     r['config'].pop('depth')
-    train.write_json(path, r)
-    assert train.run_trial('ffn', 'relu', 0, cfg, str(tmp_path), 's', data_dir=mnist1d_dir,
-                           progress=False)['provenance'] == r['provenance']
+    write_json(path, r)
+    assert train.run_trial('ffn', 'relu', 0, cfg, 's', opts)['provenance'] == r['provenance']
     with pytest.raises(FileExistsError, match='depth: None -> 2'):
-        train.run_trial('ffn', 'relu', 0, get_config('mnist_ffn', depth=2), str(tmp_path), 's',
-                        data_dir=mnist1d_dir, progress=False)
+        train.run_trial('ffn', 'relu', 0, get_config('mnist_ffn', depth=2), 's', opts)

@@ -251,8 +251,8 @@ def test_routing_agreement_matches_experts_by_maximum_assignment():
 # ----------------------------------------------------------------------------- through the trainer
 
 def run(cfg, tmp_path, trial=0, vary='all', activation='gelu'):
-    return train.run_trial('switchlm', activation, trial, cfg, str(tmp_path / 'results'), 's', vary,
-                           progress=False)
+    return train.run_trial('switchlm', activation, trial, cfg, 's',
+                           train.RunOptions(results_dir=str(tmp_path / 'results'), vary=vary, progress=False))
 
 
 def test_trial_trains_and_saves_routing(tiny_config, tmp_path):

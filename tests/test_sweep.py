@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-import run_all_experiments as sweep
+import run_all_experiments as rae
+import sweep
 import train
 from conftest import ROOT, TINY_TEXT
 
@@ -83,7 +85,7 @@ def corpus(tmp_path_factory):
 def reference(corpus, tmp_path_factory):
     """The tiny sweep (2 models x 2 activations x 2 trials), one process, one thread per trial."""
     results = tmp_path_factory.mktemp('reference')
-    assert sweep.main(argv(corpus, results, '--no-analyze')) == 0
+    assert rae.main(argv(corpus, results, '--no-analyze')) == 0
     return results
 
 
@@ -112,7 +114,7 @@ def test_tiny_sweep_completes(reference, capsys):
 def test_sweep_is_analysed_at_the_end(reference, copy_of, corpus, capsys):
     analyze_results = pytest.importorskip('analyze_results', reason='analyze_results.py (the analysis) is not here')
     results = copy_of(reference)
-    assert sweep.main(argv(corpus, results)) == 0  # nothing to train, then the analysis
+    assert rae.main(argv(corpus, results)) == 0  # nothing to train, then the analysis
     out = capsys.readouterr().out
     study = results / 's'
     assert f"summary {study / 'summary.json'}" in out and f"report {study / 'REPORT.md'}" in out
@@ -127,14 +129,14 @@ def test_rerun_trains_nothing_and_a_deleted_trial_alone_retrains(reference, copy
     results = copy_of(reference)
     before = started(results)
     capsys.readouterr()
-    assert sweep.main(argv(corpus, results, '--no-analyze')) == 0
+    assert rae.main(argv(corpus, results, '--no-analyze')) == 0
     out = capsys.readouterr().out
     assert '0 trial(s) trained, 8 already done' in out and 'val loss' not in out
     assert started(results) == before
 
     gone = ('charlm', 'gelu', 1)
     os.remove(train.trial_path(str(results), 's', *gone))
-    assert sweep.main(argv(corpus, results, '--no-analyze')) == 0
+    assert rae.main(argv(corpus, results, '--no-analyze')) == 0
     out = capsys.readouterr().out
     assert '1 trial(s) trained, 7 already done' in out
     trained = [ln for ln in out.splitlines() if 'val loss' in ln]
@@ -144,7 +146,7 @@ def test_rerun_trains_nothing_and_a_deleted_trial_alone_retrains(reference, copy
     assert {t: v for t, v in after.items() if t != gone} == {t: v for t, v in before.items() if t != gone}
     assert_same_predictions(reference, results)  # deterministic: the retrained trial is the same trial
 
-    assert sweep.main(argv(corpus, results, '--no-analyze', '--force', grid=[
+    assert rae.main(argv(corpus, results, '--no-analyze', '--force', grid=[
         '--models', 'charlm', '--activations', 'relu', '--trials', '1'])) == 0
     assert started(results)[('charlm', 'relu', 0)] != before[('charlm', 'relu', 0)]  # --force reruns
 
@@ -158,7 +160,7 @@ def test_failed_trial_is_recorded_and_the_others_complete(corpus, tmp_path, monk
         return real(model, activation, trial, *a, **kw)
     monkeypatch.setattr(train, 'run_trial', flaky)
     grid = ['--models', 'minigpt', 'charlm', '--activations', 'relu', 'gelu', '--trials', '1']
-    assert sweep.main(argv(corpus, tmp_path, '--no-analyze', grid=grid)) == 1
+    assert rae.main(argv(corpus, tmp_path, '--no-analyze', grid=grid)) == 1
     cap = capsys.readouterr()
     assert 'FAILED charlm/gelu trial 0: RuntimeError: simulated failure (test)' in cap.out
     assert 'error: 1 trial(s) failed: charlm/gelu trial 0;' in cap.err and 'failures.jsonl' in cap.err
@@ -173,7 +175,7 @@ def test_failed_trial_is_recorded_and_the_others_complete(corpus, tmp_path, monk
     assert len(done) == 3 and not os.path.exists(train.trial_path(str(tmp_path), 's', 'charlm', 'gelu', 0))
 
     monkeypatch.setattr(train, 'run_trial', real)  # fixed: the rerun does only the failed trial
-    assert sweep.main(argv(corpus, tmp_path, '--no-analyze', grid=grid)) == 0
+    assert rae.main(argv(corpus, tmp_path, '--no-analyze', grid=grid)) == 0
     assert '1 trial(s) trained, 3 already done, 0 failed' in capsys.readouterr().out
     assert_every_file_parses(tmp_path)
 
@@ -188,10 +190,30 @@ def test_failures_jsonl_lines_stay_whole(tmp_path):
     assert lines[-1] == '' and json.loads(lines[1]) == {'model': 'm', 'error': 'multi\nline', 'trial': 0}
 
 
+def test_each_job_runs_with_its_own_config_and_study(tiny_config, tmp_path):
+    """The engine's contract: a job carries model, activation, trial, study and config; the
+    sweep's one RunOptions says how they run."""
+    jobs = [{'model': 'minigpt', 'activation': 'relu', 'trial': 0, 'study': 'a', 'config': tiny_config},
+            {'model': 'charlm', 'activation': 'gelu', 'trial': 3, 'study': 'b',
+             'config': replace(tiny_config, max_iters=3, n_embd=8)}]
+    opts = train.RunOptions(results_dir=str(tmp_path), threads=1, progress=False)
+    executor = sweep.InlineExecutor(opts)
+    try:
+        outcomes = list(executor.run(jobs))
+    finally:
+        executor.close()
+    assert [j for j, _ in outcomes] == jobs and all(o['ok'] for _, o in outcomes)
+    for job in jobs:
+        r = record(tmp_path, job['model'], job['activation'], job['trial'], study=job['study'])
+        assert r['study'] == job['study'] and r['metrics']['iters'] == job['config'].max_iters
+        assert r['config']['n_embd'] == job['config'].n_embd and r['provenance']['threads'] == 1
+    assert sweep.job_name(jobs[1]) == 'charlm/gelu trial 3'
+
+
 # ----------------------------------------------------------------------------- parallel and distributed
 
 def test_two_workers_give_the_same_predictions_as_one(reference, corpus, tmp_path, capsys):
-    assert sweep.main(argv(corpus, tmp_path, '--no-analyze', '--workers', '2')) == 0
+    assert rae.main(argv(corpus, tmp_path, '--no-analyze', '--workers', '2')) == 0
     out = capsys.readouterr().out
     assert '2 worker process(es) on cpu, 1 thread(s) per trial' in out
     assert len([ln for ln in out.splitlines() if 'val loss' in ln]) == 8
@@ -203,9 +225,9 @@ def test_ray_executor_gives_the_same_predictions_as_local(reference, corpus, tmp
     ray = pytest.importorskip('ray', reason='Ray is optional (pip install "ray[default]")')
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        assert sweep.main(argv(corpus, tmp_path, '--no-analyze', '--executor', 'ray')) == 0
+        assert rae.main(argv(corpus, tmp_path, '--no-analyze', '--executor', 'ray')) == 0
         assert 'Ray tasks (1 CPU, 0 GPU, 1 thread(s) per trial)' in capsys.readouterr().out
-        assert sweep.main(argv(corpus, tmp_path, '--no-analyze', '--executor', 'ray')) == 0  # resume
+        assert rae.main(argv(corpus, tmp_path, '--no-analyze', '--executor', 'ray')) == 0  # resume
         assert '0 trial(s) trained, 8 already done' in capsys.readouterr().out
     finally:
         ray.shutdown()
@@ -314,7 +336,7 @@ def test_invalid_input_fails_before_any_training_with_the_choices(extra, needle,
     grid = ['--models', 'nanotransformer', '--activations', 'relu'] if '18' in extra else []
     # a repeated flag: the last one counts, so `extra` overrides TINY
     args = [*TINY, '--data', corpus, '--results-dir', str(tmp_path / 'r'), *grid, *extra]
-    assert sweep.main(args) == 2
+    assert rae.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not os.path.exists(tmp_path / 'r')
@@ -322,7 +344,7 @@ def test_invalid_input_fails_before_any_training_with_the_choices(extra, needle,
 
 def test_a_study_whose_results_differ_is_refused_before_training(reference, copy_of, corpus, capsys):
     results = copy_of(reference)
-    assert sweep.main(argv(corpus, results, '--no-analyze', '--max_iters', '5')) == 2
+    assert rae.main(argv(corpus, results, '--no-analyze', '--max_iters', '5')) == 2
     err = capsys.readouterr().err
     assert '8 existing result(s)' in err and 'max_iters: 4 -> 5' in err and '--force' in err
 
@@ -331,7 +353,7 @@ def test_dry_run_lists_trials_and_estimates_time_only(reference, copy_of, corpus
     results = copy_of(reference)
     os.remove(train.trial_path(str(results), 's', 'minigpt', 'gelu', 1))
     files = sorted(glob.glob(str(results / '**'), recursive=True))
-    assert sweep.main(argv(corpus, results, '--dry-run')) == 0
+    assert rae.main(argv(corpus, results, '--dry-run')) == 0
     out = capsys.readouterr().out
     assert '8: 7 done, 1 to run' in out
     assert len([ln for ln in out.splitlines() if ln.startswith('  done ')]) == 7
@@ -345,15 +367,15 @@ def test_dry_run_lists_trials_and_estimates_time_only(reference, copy_of, corpus
 
 def test_designs_set_the_grid_and_explicit_flags_override_them(corpus, tmp_path, capsys):
     base = ['--data', corpus, '--results-dir', str(tmp_path), '--n_eval', '20', '--dry-run']
-    assert sweep.main(['--study', 'seed_partial', *base]) == 0
+    assert rae.main(['--study', 'seed_partial', *base]) == 0
     out = capsys.readouterr().out
     assert 'design seed_partial: preset gpu' in out and '6 model(s) x 5 activation(s) x 3 trial(s) = 90' in out
     assert 'activations: smelu_05 smelu_1 relu gelu swish' in out
-    assert sweep.main(['--study', 'seed_full', '--models', 'minigpt', '--trials', '1', *base]) == 0
+    assert rae.main(['--study', 'seed_full', '--models', 'minigpt', '--trials', '1', *base]) == 0
     out = capsys.readouterr().out
     assert 'design seed_full: preset gpu_full (overrides: --models, --trials, --n_eval 20)' in out
     assert '1 model(s) x 6 activation(s) x 1 trial(s) = 6' in out and 'swiglu' in out
-    assert sweep.main(['--study', 'seed_partal', *base, '--models', 'minigpt', '--activations', 'relu']) == 0
+    assert rae.main(['--study', 'seed_partal', *base, '--models', 'minigpt', '--activations', 'relu']) == 0
     assert 'did you mean seed_partial?' in capsys.readouterr().out
     assert not os.listdir(tmp_path)
 
@@ -362,7 +384,7 @@ def test_mnist_study_is_dispatched_to_its_runner(monkeypatch):
     mnist = pytest.importorskip('mnist')
     seen = []
     monkeypatch.setattr(mnist, 'main', lambda argv=None: seen.append(argv))
-    assert sweep.main(['--study', 'mnist_ffn', '--task', 'mnist1d', '--widths', '2']) == 0
+    assert rae.main(['--study', 'mnist_ffn', '--task', 'mnist1d', '--widths', '2']) == 0
     assert seen == [['--study', 'mnist_ffn', '--task', 'mnist1d', '--widths', '2']]
 
 
@@ -373,8 +395,8 @@ def test_dry_run_estimate_from_benchmark_figures(reference, corpus, tmp_path, mo
         {'model': 'minigpt', 'activation': 'relu', 'config': rec['config'], 'total_time': 30.0, 'threads': 1},
         {'model': 'charlm', 'activation': 'gelu', 'config': {**rec['config'], 'n_embd': 32}, 'total_time': 99.0,
          'threads': 1}]}))  # another config: not used
-    monkeypatch.setattr(sweep, 'BENCH_FIGURES', str(figures))
-    assert sweep.main(argv(corpus, tmp_path / 'empty', '--dry-run', '--workers', '2')) == 0
+    monkeypatch.setattr(rae, 'BENCH_FIGURES', str(figures))
+    assert rae.main(argv(corpus, tmp_path / 'empty', '--dry-run', '--workers', '2')) == 0
     out = capsys.readouterr().out
     assert out.count('~30 s') == 4 and out.count('no estimate') == 4  # minigpt: figure; charlm: none
     assert '~2.0 min of trial time' in out and 'roughly 60 s wall time with 2 workers' in out

@@ -11,20 +11,22 @@ import numpy as np
 import pytest
 import torch
 
+import fileio
 import prepare_data
 import train
 from config import Config, get_config, preset_names
 from conftest import ROOT, TINY_OVERRIDES
 from model_factories import build_model
-from prepare_data import DataError, make_task
+from fileio import DataError
+from prepare_data import make_task
 
 SHAKESPEARE_DIR = os.environ.get('REPRO_DATA_DIR') or os.path.join(ROOT, '..', 'shared', 'data')
 HAVE_SHAKESPEARE = os.path.exists(os.path.join(SHAKESPEARE_DIR, 'tinyshakespeare', 'input.txt'))
 
 
 def run(cfg, tmp_path, trial=0, vary='all', study='s', **kw):
-    return train.run_trial('minigpt', 'gelu', trial, cfg, str(tmp_path / 'results'), study, vary,
-                           progress=False, **kw)
+    opts = train.RunOptions(results_dir=str(tmp_path / 'results'), vary=vary, progress=False, **kw)
+    return train.run_trial('minigpt', 'gelu', trial, cfg, study, opts)
 
 
 def load_npz(record, tmp_path, study='s'):
@@ -101,7 +103,7 @@ def test_checksum_rejects_a_corrupted_corpus(tmp_path):
 def test_offline_without_corpus_says_where_to_put_it(tmp_path, monkeypatch):
     def no_network(*a, **k):
         raise OSError('network unreachable')
-    monkeypatch.setattr(prepare_data.urllib.request, 'urlopen', no_network)
+    monkeypatch.setattr(fileio.urllib.request, 'urlopen', no_network)
     with pytest.raises(DataError) as e:
         prepare_data.shakespeare_path(str(tmp_path))
     assert str(tmp_path / 'tinyshakespeare' / 'input.txt') in str(e.value)
@@ -110,8 +112,8 @@ def test_offline_without_corpus_says_where_to_put_it(tmp_path, monkeypatch):
 
 def test_data_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv('REPRO_DATA_DIR', str(tmp_path))
-    assert prepare_data.data_dir() == str(tmp_path)
-    assert prepare_data.data_dir('elsewhere') == 'elsewhere'
+    assert fileio.data_dir() == str(tmp_path)
+    assert fileio.data_dir('elsewhere') == 'elsewhere'
 
 
 @pytest.mark.skipif(not HAVE_SHAKESPEARE, reason='Tiny Shakespeare not found (set REPRO_DATA_DIR)')

@@ -1,0 +1,446 @@
+"""
+The sweep engine: run a list of trial jobs through train.run_trial, in this process, in
+spawned worker processes or as Ray tasks, with one lock per study, a failure log, and the
+clean-up of temp files a killed run left. run_all_experiments.py makes the plan (the
+command line, the designs, what is done); this module only runs it, and never imports it.
+
+A job is a small picklable dict with everything that may differ from one trial to the next:
+    {'model': str, 'activation': str, 'trial': int, 'study': str, 'config': config.Config}
+run_job(job, opts) is train.run_trial(model, activation, trial, config, study, opts). The
+sweep holds one train.RunOptions; each worker slot is a copy with its own device and threads.
+
+Executors share one interface: run(jobs) yields (job, outcome) as trials finish, and
+close(abort) stops them (abort: running trials are stopped and leave no result). An outcome
+is {'ok': True, 'val_loss', 'val_accuracy', 'seconds'} or {'ok': False, 'error',
+'traceback', 'seconds', 'host'}.
+"""
+import datetime
+import glob
+import importlib.util
+import json
+import multiprocessing
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from multiprocessing.connection import wait
+
+import torch
+from tqdm import tqdm
+
+import train
+from cli import fmt_seconds
+from fileio import DATA_DIR_ENV, json_ready
+
+PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
+RAY_INSTALL = 'pip install "ray[default]"'
+
+
+def job_name(job):
+    return f"{job['model']}/{job['activation']} trial {job['trial']}"
+
+
+# ----------------------------------------------------------------------------- where trials run
+
+def cores():
+    """CPU cores this process may use ($OMP_NUM_THREADS if set)."""
+    try:
+        n = int(os.environ.get('OMP_NUM_THREADS', ''))
+        if n > 0:
+            return n
+    except ValueError:
+        pass
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def layout(executor, device, workers=None, threads=None, trials_per_gpu=None,
+           ray_address=None, ray_num_cpus=None, ray_num_gpus=None):
+    """Where the trials run, from the command line's values: (a device per worker slot,
+    workers, threads per trial, Ray settings or None, a sentence saying it). Raises
+    ValueError naming the problem for a combination that cannot run."""
+    given = {'ray_address': ray_address, 'ray_num_cpus': ray_num_cpus, 'ray_num_gpus': ray_num_gpus}
+    ray_flags = [f for f, v in given.items() if v is not None]
+    if executor == 'ray':
+        if importlib.util.find_spec('ray') is None:
+            raise ValueError(f"--executor ray needs Ray, which is not installed: {RAY_INSTALL}")
+        if trials_per_gpu is not None:
+            raise ValueError("--trials-per-gpu is for local workers; with Ray use --ray-num-gpus (e.g. 0.5)")
+        ncpus = 1.0 if ray_num_cpus is None else ray_num_cpus
+        ngpus = 0.0 if ray_num_gpus is None else ray_num_gpus
+        if ncpus < 0 or ngpus < 0 or ncpus + ngpus == 0:
+            raise ValueError("--ray-num-cpus and --ray-num-gpus must be >= 0, not both 0")
+        # the device is the task's, on whichever node runs it: not checked against this machine
+        if device not in ('auto', 'cpu', 'cuda'):
+            raise ValueError(f"--device {device} with Ray: use auto, cpu or cuda (Ray picks the GPU)")
+        if device == 'cuda' and ngpus == 0:
+            raise ValueError("--device cuda with Ray needs --ray-num-gpus > 0 (GPUs per trial)")
+        if device == 'cpu' and ngpus > 0:
+            raise ValueError("--ray-num-gpus > 0 reserves GPUs that --device cpu would not use")
+        threads = threads or max(1, int(ncpus))
+        ray = {'address': ray_address, 'num_cpus': ncpus, 'num_gpus': ngpus}
+        # with Ray, workers is at most this many trials in flight (default: all)
+        execution = (f"Ray tasks ({ncpus:g} CPU, {ngpus:g} GPU, {threads} thread(s) per trial"
+                     + (f", at most {workers} at once" if workers else '') + ')')
+        return ['cuda' if ngpus > 0 else 'cpu'], workers, threads, ray, execution
+    if ray_flags:
+        raise ValueError(f"{', '.join('--' + f.replace('_', '-') for f in ray_flags)} go with --executor ray")
+    dev = train.resolve_device(device)
+    if dev.type == 'cuda':
+        devices = [f'cuda:{i}' for i in range(torch.cuda.device_count())] if dev.index is None else [str(dev)]
+        per_gpu = trials_per_gpu or 1
+        workers = workers or len(devices) * per_gpu
+        if workers > len(devices) * per_gpu:
+            raise ValueError(f"--workers {workers} would put more than --trials-per-gpu {per_gpu} on one of "
+                             f"the {len(devices)} device(s); raise --trials-per-gpu")
+    else:
+        if trials_per_gpu is not None:
+            raise ValueError(f"--trials-per-gpu is for CUDA devices; this sweep runs on {dev}")
+        devices, workers = ['cpu'], workers or 1
+    threads = threads or max(1, cores() // workers)
+    devices = [devices[i % len(devices)] for i in range(workers)]  # round-robin over the devices
+    execution = (f"{workers} worker process(es)" if workers > 1 else "in this process") + \
+        f" on {', '.join(sorted(set(devices)))}, {threads} thread(s) per trial"
+    return devices, workers, threads, None, execution
+
+
+# ----------------------------------------------------------------------------- one trial (any process)
+
+def run_job(job, opts):
+    """Run one trial through train.run_trial; return a small picklable outcome, never raise
+    an Exception (KeyboardInterrupt and SystemExit pass: they stop the sweep)."""
+    t0 = time.time()
+    try:
+        r = train.run_trial(job['model'], job['activation'], job['trial'], job['config'], job['study'], opts)
+        m = r['metrics']
+        return {'ok': True, 'val_loss': m['val_loss'], 'val_accuracy': m['val_accuracy'],
+                'seconds': m['total_time']}
+    except Exception as e:  # noqa: BLE001 -- a trial's failure of any kind is recorded, not fatal
+        tb = traceback.format_exc()
+        if opts.device.startswith('cuda'):
+            torch.cuda.empty_cache()  # after an out-of-memory error, give the next trial a clean slate
+        return {'ok': False, 'error': f"{type(e).__name__}: {e}", 'traceback': tb,
+                'seconds': time.time() - t0, 'host': socket.gethostname()}
+
+
+# ----------------------------------------------------------------------------- executors
+
+class InlineExecutor:
+    """--workers 1 on one device: trials run one after another in this process."""
+
+    def __init__(self, opts):
+        self.opts = opts
+        self._threads = torch.get_num_threads()
+
+    def run(self, jobs):
+        for job in jobs:
+            yield job, run_job(job, self.opts)
+
+    def close(self, abort=False):
+        torch.set_num_threads(self._threads)  # run_trial set it for the trials; give it back
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds the trial: atomic_write removes its temp file
+
+
+def _die_with_parent(parent_pid):
+    """A worker must not outlive its sweep (a SIGKILLed driver would leave it training and
+    writing trials that the restarted sweep also trains)."""
+    try:  # Linux: the kernel kills us the moment the parent dies
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch():  # elsewhere (and as a backstop): notice within a second
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(1.0)
+    threading.Thread(target=watch, daemon=True, name='parent-watch').start()
+
+
+def _worker_main(conn, opts, parent_pid):
+    # Ctrl-C in a terminal reaches every process of the group: the driver alone decides
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    _die_with_parent(parent_pid)
+    if opts.device.startswith('cuda'):
+        torch.cuda.set_device(opts.device)
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        conn.send(run_job(job, opts))
+
+
+class PoolExecutor:
+    """N spawned worker processes, one slot (RunOptions: device, threads) each; the driver
+    hands each worker one trial at a time over its own pipe, so it always knows which trial
+    a worker holds: a worker that dies (killed, out of host memory) fails that trial and is
+    replaced."""
+
+    def __init__(self, slots):
+        self.ctx = multiprocessing.get_context('spawn')  # no fork: torch threads and CUDA don't survive it
+        self.slots = slots
+        self.workers = [self._start(i) for i in range(len(slots))]
+
+    def _start(self, i):
+        parent, child = self.ctx.Pipe()
+        p = self.ctx.Process(target=_worker_main, args=(child, self.slots[i], os.getpid()),
+                             daemon=True, name=f'sweep-worker-{i}')
+        p.start()
+        child.close()
+        return {'i': i, 'proc': p, 'conn': parent, 'job': None}
+
+    def _replace(self, w):
+        w['conn'].close()
+        w['proc'].join(5)
+        self.workers[w['i']] = self._start(w['i'])
+
+    def run(self, jobs):
+        pending = deque(jobs)
+        while pending or any(w['job'] for w in self.workers):
+            for w in self.workers:
+                if w['job'] is None and pending:
+                    w['job'] = pending.popleft()
+                    try:
+                        w['conn'].send(w['job'])
+                    except OSError:  # a dead worker: noticed below, where its trial fails
+                        pass
+            busy = [w for w in self.workers if w['job'] is not None]
+            ready = set(wait([w['conn'] for w in busy] + [w['proc'].sentinel for w in busy], timeout=1.0))
+            for w in busy:
+                if w['conn'] not in ready and w['proc'].sentinel not in ready:
+                    continue
+                outcome = None
+                try:
+                    if w['conn'].poll():
+                        outcome = w['conn'].recv()
+                except (EOFError, OSError):
+                    pass
+                if outcome is None:
+                    if w['proc'].is_alive():
+                        continue
+                    w['proc'].join()
+                    code = w['proc'].exitcode
+                    why = f"exit code {code}"
+                    if code is not None and code < 0:
+                        try:
+                            why = f"killed by {signal.Signals(-code).name}"
+                        except ValueError:
+                            pass
+                    outcome = {'ok': False, 'error': f"worker process died ({why}) while running this trial",
+                               'traceback': None, 'seconds': None, 'host': socket.gethostname()}
+                    job = w['job']
+                    self._replace(w)
+                else:
+                    job, w['job'] = w['job'], None
+                yield job, outcome
+
+    def close(self, abort=False):
+        for w in self.workers:
+            if abort and w['job'] is not None:
+                w['proc'].terminate()  # SIGTERM: the trial unwinds and leaves no result
+            else:
+                try:
+                    w['conn'].send(None)
+                except OSError:
+                    pass
+        deadline = time.time() + 15
+        for w in self.workers:
+            w['proc'].join(max(0.1, deadline - time.time()))
+            if w['proc'].is_alive():
+                w['proc'].kill()
+                w['proc'].join()
+            w['conn'].close()
+
+
+class RayExecutor:
+    """Each trial a Ray task calling train.run_trial. Starts a local Ray instance unless
+    --ray-address is given or Ray is already initialised in this process."""
+
+    def __init__(self, opts, address, num_cpus, num_gpus, max_in_flight):
+        import ray  # optional: imported only for this executor
+        self.ray, self.opts = ray, opts
+        self.started = False
+        if not ray.is_initialized():
+            ray.init(address=address, log_to_driver=True,
+                     **({'include_dashboard': False} if address is None else {}))
+            self.started = True
+        # the tasks import this project (train, config, ...) from the same path as here
+        path = [PROJECT_DIR] + ([os.environ['PYTHONPATH']] if os.environ.get('PYTHONPATH') else [])
+        env = {'PYTHONPATH': os.pathsep.join(path)}
+        if os.environ.get(DATA_DIR_ENV):
+            env[DATA_DIR_ENV] = os.environ[DATA_DIR_ENV]
+        self.remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0,
+                                 runtime_env={'env_vars': env})(run_job)
+        self.max_in_flight = max_in_flight
+        self.in_flight = {}
+
+    def run(self, jobs):
+        ray, pending, in_flight = self.ray, deque(jobs), self.in_flight
+        opts = ray.put(self.opts)
+        while pending or in_flight:
+            while pending and len(in_flight) < self.max_in_flight:
+                job = pending.popleft()
+                in_flight[self.remote.remote(job, opts)] = job
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            for ref in done:
+                job = in_flight.pop(ref)
+                try:
+                    outcome = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 -- the task's worker died, the node was lost, ...
+                    text = re.sub(r'\x1b\[[0-9;]*m', '', str(e))
+                    last = ([ln.strip() for ln in text.splitlines() if ln.strip()] or [''])[-1]
+                    outcome = {'ok': False, 'error': f"{type(e).__name__}: {last}", 'traceback': text,
+                               'seconds': None, 'host': None}
+                yield job, outcome
+
+    def close(self, abort=False):
+        if abort:
+            for ref in self.in_flight:
+                self.ray.cancel(ref, force=True)
+        if self.started:
+            self.ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- files
+
+def append_failure(path, record):
+    """Append one JSON line (fileio.json_ready's rule: non-finite numbers as null) with a
+    single os.write, then fsync: a kill leaves either the whole line or none of it (a line
+    cut short by an older crash gets a newline first)."""
+    line = (json.dumps(json_ready(record), default=str, allow_nan=False) + '\n').encode()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b'\n':
+            line = b'\n' + line
+        while line:  # one write for any line of sane size; loop only on a short write
+            line = line[os.write(fd, line):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def stray_temp_files(study_dir):
+    """Temp files of fileio.atomic_write (.trial_<k>.<ext>XXXX.tmp) left by a killed run,
+    at any depth below study_dir (jobs may write to study folders nested in it)."""
+    return sorted(glob.glob(os.path.join(study_dir, '**', '.trial_*.tmp'), recursive=True))
+
+
+def remove_stray_temp_files(study_dir):
+    """Remove them; only while holding the study's lock (no sweep of ours is writing them)."""
+    strays = stray_temp_files(study_dir)
+    for path in strays:
+        os.remove(path)
+    return len(strays)
+
+
+class StudyLock:
+    """<study>/.sweep.lock, held (flock) while a sweep runs; the kernel drops it when the
+    process dies, however it dies."""
+
+    def __init__(self, study_dir):
+        self.path, self.fd = os.path.join(study_dir, '.sweep.lock'), None
+        os.makedirs(study_dir, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+        except ImportError:  # no flock here: no protection against two sweeps, no harm either
+            self.fd = fd
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors='replace').strip() or '?'
+            os.close(fd)
+            raise ValueError(f"another sweep (pid {holder}) is running on {study_dir}; wait for it "
+                             f"or use another --study / --results-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+def projection(plan, seconds, left):
+    """The projected time of the rest of a sweep, from its first finished trial."""
+    at_once = min(left, len(plan['slots']) if plan['executor'] == 'local' else plan['workers'] or left)
+    return (f"projected: ~{fmt_seconds(left * seconds / at_once)} more for the {left} trial(s) left "
+            f"({seconds:.1f} s for this one, {at_once} at once; an estimate of time only)")
+
+
+def run_sweep(plan, executor_factory):
+    """Run plan['to_run'] (plan['done'] counts toward the progress) through the executor
+    that executor_factory() makes; failures go to <plan['study_dir']>/failures.jsonl.
+    Returns (finished, failed, interrupted)."""
+    to_run, done = plan['to_run'], plan['done']
+    total = len(to_run) + len(done)
+    failures_path = os.path.join(plan['study_dir'], 'failures.jsonl')
+    finished, failed, interrupted = [], [], False
+    executor = None
+    # disable=None: a live bar on a terminal, silence in logs and CI
+    bar = tqdm(total=total, initial=len(done), unit='trial', desc=plan['study'], dynamic_ncols=True, disable=None)
+    try:
+        executor = executor_factory() if to_run else None
+        for job, out in (executor.run(to_run) if executor else ()):
+            count = f"[{len(done) + len(finished) + len(failed) + 1}/{total}]"
+            if out['ok']:
+                finished.append(job)
+                bar.write(f"{count} {job_name(job)}: val loss {out['val_loss']:.4f}  accuracy "
+                          f"{out['val_accuracy']:.4f}  {out['seconds']:.1f} s", file=sys.stdout)
+                if len(finished) == 1 and len(to_run) > 1 + len(failed):
+                    bar.write(projection(plan, out['seconds'], len(to_run) - 1 - len(failed)), file=sys.stdout)
+            else:
+                failed.append(job)
+                append_failure(failures_path, {
+                    'model': job['model'], 'activation': job['activation'], 'trial': job['trial'],
+                    'study': job['study'], 'error': out['error'], 'traceback': out['traceback'],
+                    'time': datetime.datetime.now().astimezone().isoformat(), 'seconds': out['seconds'],
+                    'host': out.get('host'), 'executor': plan['executor']})
+                bar.write(f"{count} FAILED {job_name(job)}: {out['error']}", file=sys.stdout)
+                bar.set_postfix(failed=len(failed), refresh=False)
+            bar.update(1)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+        if executor is not None:
+            try:
+                executor.close(abort=interrupted)
+            except KeyboardInterrupt:  # a second Ctrl-C: do not wait for anything
+                interrupted = True
+    return finished, failed, interrupted
+
+
+def make_executor(plan):
+    """A factory of the executor for plan['executor'] ('ray' or 'local') and plan['slots']
+    (RunOptions per worker; with Ray, one for every task and plan['ray'] = {'address',
+    'num_cpus', 'num_gpus'} per trial, at most plan['workers'] trials in flight)."""
+    if plan['executor'] == 'ray':
+        r = plan['ray']
+        return lambda: RayExecutor(plan['slots'][0], r['address'], r['num_cpus'], r['num_gpus'],
+                                   plan['workers'] or max(1, len(plan['to_run'])))
+    if len(plan['slots']) == 1:
+        return lambda: InlineExecutor(plan['slots'][0])
+    return lambda: PoolExecutor(plan['slots'][:max(1, len(plan['to_run']))])
+
