@@ -50,10 +50,18 @@ def build_model(model_name, activation_name, config, seed=None):
     if seed is None:
         return cls(config, activation_name)
     # fork_rng: initialisation draws from its own seeded stream and leaves the global RNG
-    # (which drives dropout) exactly as the caller set it
-    with torch.random.fork_rng(devices=[]):
+    # (which drives dropout) exactly as the caller set it. torch.manual_seed seeds every
+    # CUDA device too, so the fork must restore every CUDA device as well as the CPU:
+    # forking the CPU alone once left CUDA's dropout drawing from the init seed.
+    with torch.random.fork_rng(devices=rng_devices(), device_type='cuda'):
         torch.manual_seed(seed)
         return cls(config, activation_name)
+
+
+def rng_devices():
+    """The CUDA devices whose random state a seeding call can touch: all of them when CUDA
+    is available (torch.manual_seed seeds them all), none otherwise."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
 def count_parameters(model):

@@ -18,6 +18,7 @@ in the .npz beside the predictions. Optional task hook: `trial_metrics(model, de
 -> dict merged into the metrics after training (a classifier's held-out test accuracy).
 """
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -64,6 +65,46 @@ def trial_seeds(seed_base, trial, vary):
 
 def trial_path(results_dir, study, model, activation, trial, ext='json'):
     return os.path.join(results_dir, study, model, activation, f'trial_{trial}.{ext}')
+
+
+def seed_dropout_stream(seed):
+    """Seed the global RNG that dropout and router jitter draw from. torch.manual_seed seeds
+    the CPU generator and every CUDA device's generator (manual_seed_all), so this is the
+    dropout seed on whichever device the trial runs. run_trial calls it once, after the
+    model is built and on its device, and nothing seeds the global RNG after it before the
+    first step: no later seeding call (the init seed's, say) can take its place."""
+    torch.manual_seed(seed)
+
+
+def _digest(chunks):
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()[:16]
+
+
+def _tensor_bytes(t):
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes()  # the raw bytes, any dtype (bfloat16 too)
+
+
+def stream_fingerprints(model, first_batch, device):
+    """Short digests of the three random streams as they really are when training starts
+    (call it just before the first optimizer step; it consumes no randomness):
+        init     the initial weights and buffers (state_dict, sorted by name)
+        data     the first step's batch: every micro-batch's inputs and targets
+        dropout  the global RNG state dropout will draw from: the CPU generator and, on
+                 CUDA, the trial device's generator too
+    Digests of the state, not of the seed numbers: a seed that never reached its stream
+    shows up as equal digests where the seeds differ, and the reverse."""
+    state = model.state_dict()
+    init = [c for k in sorted(state) for c in (k.encode(), str(tuple(state[k].shape)).encode(),
+                                                str(state[k].dtype).encode(), _tensor_bytes(state[k]))]
+    data = [_tensor_bytes(t) for xy in first_batch for t in xy]
+    dropout = [torch.get_rng_state().numpy().tobytes()]
+    if device.type == 'cuda':
+        dropout.append(torch.cuda.get_rng_state(device).numpy().tobytes())
+    return {'init': _digest(init), 'data': _digest(data), 'dropout': _digest(dropout)}
 
 
 def trial_identity(task, model_name, activation, trial, vary, config):
@@ -255,6 +296,32 @@ def predict(model, task, device, amp, batch_size=256):
     return torch.cat(probs).numpy().astype(np.float32), correct / n, token_acc, extras
 
 
+@torch.inference_mode()
+def causality_probe(model, task, device, n_windows=8):
+    """The largest change of any earlier position's logits when the last quarter of the
+    tokens of n_windows evaluation windows is changed: 0 for a causal language model (up to
+    kernel noise on GPUs), large for one that sees the future. In float32 (no autocast),
+    eval mode, on the trained weights. It draws no random numbers, and the RNG states of the
+    CPU and the trial's device are restored anyway, so it cannot change anything saved.
+    None for classification tasks: a classifier's input has no time axis."""
+    if task.kind != 'lm':
+        return None
+    x = task.eval_x[:n_windows].to(device)
+    T = x.shape[1]
+    m = max(1, T // 4)  # positions T-m.. are changed; positions < T-m must not move
+    if T - m < 1:
+        return None  # a window of one token has no earlier position
+    changed = x.clone()
+    changed[:, -m:] = (x[:, -m:] + 1) % task.n_classes  # every changed token really differs
+    cuda = [device] if device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=cuda, device_type='cuda'):
+        model.eval()
+        a, _ = model(x)
+        b, _ = model(changed)
+        model.train()
+    return (a[:, :T - m].float() - b[:, :T - m].float()).abs().max().item()
+
+
 # ----------------------------------------------------------------------------- one trial
 
 def run_trial(model_name, activation, trial, config, results_dir='results', study=None,
@@ -291,7 +358,8 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
                               f"--results-dir, or --force to overwrite it")
 
     set_determinism(deterministic, dev)
-    torch.manual_seed(seeds['dropout'])  # the global RNG drives dropout (and router noise)
+    # three streams: data from its own generator, init from its own seeded fork inside
+    # build_model, dropout (and router jitter) from the global RNG, seeded last of all
     train_stream = task.train_batches(config.batch_size, torch.Generator().manual_seed(seeds['data']))
     model = build_model(model_name, activation, config, seed=seeds['init']).to(dev)
     n_params = count_parameters(model)
@@ -300,6 +368,9 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
     amp = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     if dev.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(dev)
+    # after the model is built and on its device, on every device; no seeding after this
+    seed_dropout_stream(seeds['dropout'])
+    streams = None
 
     history = {'iter': [], 'train_loss': [], 'val_loss': [], 'lr': [], 'grad_norm': []}
     best_val, best_state, evals_since_best, stopped_early_at = math.inf, None, 0, None
@@ -339,6 +410,8 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
                    for _ in range(config.grad_accum_steps)]
         # the gradient norm is logged at eval points: compute it on the step before one
         want_norm = (it + 1) % config.eval_interval == 0 or it + 1 == config.max_iters
+        if it == 0:  # the streams as the first step finds them
+            streams = stream_fingerprints(model, batches, dev)
         loss, grad_norm = train_step(step_model, optimizer, batches, config, amp, want_norm)
         it += 1
         if it % check_every == 0 or it == config.max_iters:
@@ -373,6 +446,8 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
         metrics.update(model.trial_metrics())
     if hasattr(task, 'trial_metrics'):
         metrics.update(task.trial_metrics(step_model, dev, amp))
+    # last, after everything saved has been computed (None for classifiers: no time axis)
+    metrics['causality_max_change'] = causality_probe(model, task, dev)
 
     # predictions first, then the JSON that marks the trial done
     arrays = {'probs': probs, 'eval_indices': task.eval_indices,
@@ -387,7 +462,7 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
         'deterministic': deterministic, 'dtype': str(amp_dtype or torch.float32).replace('torch.', ''),
         'data': task.data_info, 'eval_hash': task.eval_hash,
         'predictions_file': os.path.basename(npz_path), 'predictions_sha256': sha256_file(npz_path),
-        'metrics': metrics, 'history': history,
+        'streams': streams, 'metrics': metrics, 'history': history,
         'provenance': {**provenance(dev, deterministic), 'started_at': started_at,
                        'finished_at': datetime.datetime.now().astimezone().isoformat()},
     }
