@@ -4,7 +4,10 @@ Train seeded trials of one model/activation pair and save what the analysis need
     python train.py --model minigpt --activation gelu --config cpu --trials 3
 
 Trial k uses seed seed_base + k. Weight init, batch order and dropout draw from three
-separate streams derived from it; --vary picks which of them change across trials.
+separate streams derived from it; --vary picks which of them change across trials. The
+trial JSON records digests of the three streams as the first step finds them ("streams"),
+so the analysis can check that exactly the varied ones differ, and, for language models,
+whether the trained model sees the future (metrics.causality_max_change).
 Each trial writes <results-dir>/<study>/<model>/<activation>/trial_<k>.npz (softmax on the
 fixed evaluation set) and then trial_<k>.json (metrics, history, provenance), both
 atomically: a trial is done exactly when its JSON exists.
@@ -18,7 +21,6 @@ in the .npz beside the predictions. Optional task hook: `trial_metrics(model, de
 -> dict merged into the metrics after training (a classifier's held-out test accuracy).
 """
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -39,6 +41,7 @@ from config import Config, Parser, add_config_args, config_from_args
 from fileio import atomic_write, write_json
 from model_factories import build_model, check_activation, check_model, count_parameters, model_kind
 from prepare_data import DataError, make_task, sha256_file
+from trial_checks import causality_probe, stream_fingerprints
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 VARY_MODES = ('all', 'init', 'data', 'dropout', 'none')
@@ -74,37 +77,6 @@ def seed_dropout_stream(seed):
     model is built and on its device, and nothing seeds the global RNG after it before the
     first step: no later seeding call (the init seed's, say) can take its place."""
     torch.manual_seed(seed)
-
-
-def _digest(chunks):
-    h = hashlib.sha256()
-    for c in chunks:
-        h.update(c)
-    return h.hexdigest()[:16]
-
-
-def _tensor_bytes(t):
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes()  # the raw bytes, any dtype (bfloat16 too)
-
-
-def stream_fingerprints(model, first_batch, device):
-    """Short digests of the three random streams as they really are when training starts
-    (call it just before the first optimizer step; it consumes no randomness):
-        init     the initial weights and buffers (state_dict, sorted by name)
-        data     the first step's batch: every micro-batch's inputs and targets
-        dropout  the global RNG state dropout will draw from: the CPU generator and, on
-                 CUDA, the trial device's generator too
-    Digests of the state, not of the seed numbers: a seed that never reached its stream
-    shows up as equal digests where the seeds differ, and the reverse."""
-    state = model.state_dict()
-    init = [c for k in sorted(state) for c in (k.encode(), str(tuple(state[k].shape)).encode(),
-                                                str(state[k].dtype).encode(), _tensor_bytes(state[k]))]
-    data = [_tensor_bytes(t) for xy in first_batch for t in xy]
-    dropout = [torch.get_rng_state().numpy().tobytes()]
-    if device.type == 'cuda':
-        dropout.append(torch.cuda.get_rng_state(device).numpy().tobytes())
-    return {'init': _digest(init), 'data': _digest(data), 'dropout': _digest(dropout)}
 
 
 def trial_identity(task, model_name, activation, trial, vary, config):
@@ -294,32 +266,6 @@ def predict(model, task, device, amp, batch_size=256):
     token_acc = token_correct / y_all.numel() if y_all.dim() == 2 else None
     extras = {k: np.concatenate(v) for k, v in extras.items()}
     return torch.cat(probs).numpy().astype(np.float32), correct / n, token_acc, extras
-
-
-@torch.inference_mode()
-def causality_probe(model, task, device, n_windows=8):
-    """The largest change of any earlier position's logits when the last quarter of the
-    tokens of n_windows evaluation windows is changed: 0 for a causal language model (up to
-    kernel noise on GPUs), large for one that sees the future. In float32 (no autocast),
-    eval mode, on the trained weights. It draws no random numbers, and the RNG states of the
-    CPU and the trial's device are restored anyway, so it cannot change anything saved.
-    None for classification tasks: a classifier's input has no time axis."""
-    if task.kind != 'lm':
-        return None
-    x = task.eval_x[:n_windows].to(device)
-    T = x.shape[1]
-    m = max(1, T // 4)  # positions T-m.. are changed; positions < T-m must not move
-    if T - m < 1:
-        return None  # a window of one token has no earlier position
-    changed = x.clone()
-    changed[:, -m:] = (x[:, -m:] + 1) % task.n_classes  # every changed token really differs
-    cuda = [device] if device.type == 'cuda' else []
-    with torch.random.fork_rng(devices=cuda, device_type='cuda'):
-        model.eval()
-        a, _ = model(x)
-        b, _ = model(changed)
-        model.train()
-    return (a[:, :T - m].float() - b[:, :T - m].float()).abs().max().item()
 
 
 # ----------------------------------------------------------------------------- one trial
