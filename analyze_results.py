@@ -50,6 +50,11 @@ IDENTICAL_TOL = 1e-6
 # val_loss < LM_LOSS_FLOOR nats.
 LEAK_RATIO = 0.5
 LM_LOSS_FLOOR = 0.5
+# The random streams each --vary mode changes across trials (train.trial_seeds); the others
+# must stay identical. Checked against the digests of the real streams the trainer records
+# ('streams' in the trial JSON), which works on any device: it needs no bitwise-equal predictions.
+STREAMS = ('init', 'data', 'dropout')
+VARY_STREAMS = {'all': STREAMS, 'init': ('init',), 'data': ('data',), 'dropout': ('dropout',), 'none': ()}
 PROVENANCE_KEYS = ('git_commit', 'git_dirty', 'torch_version', 'cuda_version', 'device', 'device_name',
                    'deterministic', 'python_version', 'hostname')
 
@@ -300,6 +305,42 @@ def sanity_trials(trials, warnings):
                             f"accuracy of its saved predictions {acc:.6f}")
 
 
+def check_streams(groups, warnings):
+    """Within each model x activation group, the streams its --vary mode names must differ
+    between every two trials and the others must be identical across all of them, judged on
+    the digests of the streams the trials really used. A trial saved without them (before
+    they were recorded) cannot be verified: said once per group."""
+    for model, acts in groups.items():
+        for act, trials in acts.items():
+            name = f"{model}/{act}"
+            vary = trials[0]['record'].get('vary')
+            if any(t['record'].get('vary') != vary for t in trials):
+                continue  # summarize_group already says these are not repeats of one experiment
+            have = [t for t in trials if isinstance(t['record'].get('streams'), dict)
+                    and all(isinstance(t['record']['streams'].get(k), str) for k in STREAMS)]
+            missing = [t['trial'] for t in trials if t not in have]
+            if missing:
+                warnings.append(f"{name}: trial(s) {', '.join(map(str, missing))} saved no stream fingerprints "
+                                f"(older results): cannot verify that --vary {vary} changed only its streams")
+            if vary not in VARY_STREAMS:
+                warnings.append(f"{name}: unknown vary mode {vary!r}: streams not checked "
+                                f"(valid: {', '.join(VARY_STREAMS)})")
+                continue
+            if len(have) < 2:
+                continue
+            for k in STREAMS:
+                digests = [t['record']['streams'][k] for t in have]
+                if k in VARY_STREAMS[vary]:
+                    same = [f"{a['trial']} and {b['trial']}" for i, a in enumerate(have) for b in have[i + 1:]
+                            if a['record']['streams'][k] == b['record']['streams'][k]]
+                    if same:
+                        warnings.append(f"{name}: {k} stream identical across trials {', '.join(same)} "
+                                        f"although --vary {vary}")
+                elif len(set(digests)) > 1:
+                    warnings.append(f"{name}: {k} stream differs across trials although --vary {vary} "
+                                    f"(trials {', '.join(str(t['trial']) for t in have)}: {', '.join(digests)})")
+
+
 def sanity_across_activations(model, groups, warnings):
     """Two activations of one model giving identical predictions for the same trial means
     the activation was probably never applied (aliases like silu/swish excepted)."""
@@ -377,6 +418,7 @@ def build_summary(study_dir, baseline=None):
             comparisons += [compare_to_baseline(model, a, base, ts, acts[base], warnings)
                             for a, ts in acts.items() if a != base]
     sanity_trials(trials, warnings)
+    check_streams(groups, warnings)
     valid = {(t['model'], t['activation'], t['trial']) for t in trials}
     for f in failures:
         f['has_result'] = (f.get('model'), f.get('activation'), f.get('trial')) in valid

@@ -43,10 +43,12 @@ def write_trial(study, model, act, k, probs=None, eval_hash=HASH, vary='all', se
              eval_indices=np.arange(len(probs)) if eval_indices is None else eval_indices,
              extra_array=np.zeros((len(probs), 2)))  # an array the analysis does not know: ignored
     s = 42 + k
+    seeds = seeds or {'trial_seed': s, 'init': s, 'data': s, 'dropout': s}
     rec = {
         'schema_version': 1, 'source': 'measured', 'task': task, 'study': study.name,
-        'model': model, 'activation': act, 'trial': k, 'vary': vary,
-        'seeds': seeds or {'trial_seed': s, 'init': s, 'data': s, 'dropout': s},
+        'model': model, 'activation': act, 'trial': k, 'vary': vary, 'seeds': seeds,
+        # stand-ins for the trainer's digests of the streams: one per seed
+        'streams': {n: hashlib.sha256(f'{n}:{seeds[n]}'.encode()).hexdigest()[:16] for n in ('init', 'data', 'dropout')},
         'config': config or {'n_layer': 1, 'n_embd': 16, 'max_iters': 6, 'n_eval': N_EVAL},
         'eval_hash': eval_hash, 'predictions_file': npz.name,
         'predictions_sha256': hashlib.sha256(npz.read_bytes()).hexdigest(),
