@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import analyze_results
+import sanity
 import model_factories
 import train
 from leaky import LeakyLM, use_leaky_model
@@ -38,7 +39,7 @@ def stream_warnings(tmp_path, study='s'):
     for t in trials:
         groups.setdefault(t['model'], {}).setdefault(t['activation'], []).append(t)
     warnings = []
-    analyze_results.check_streams(groups, warnings)
+    sanity.check_streams(groups, warnings)
     return warnings
 
 
@@ -171,7 +172,7 @@ def test_stream_check_wording_and_old_results(cfg, tmp_path):
         ts = [{**t, 'record': {**t['record'], 'streams': dict(t['record']['streams'])}} for t in trials]
         edit(ts)
         w = []
-        analyze_results.check_streams({'minigpt': {'gelu': ts}}, w)
+        sanity.check_streams({'minigpt': {'gelu': ts}}, w)
         return w
     assert check(lambda ts: None) == []
     w = check(lambda ts: ts[1]['record']['streams'].update(data=ts[0]['record']['streams']['data']))
