@@ -30,11 +30,12 @@ import numpy as np
 import metrics
 import plot_utils
 import routing_metrics
-from activation_names import canonical_activation
+import sanity
 from cli import EXIT_FAILURE, EXIT_INTERRUPT, EXIT_USAGE, check_writable, exit_help, os_error_message
 from config import Parser
 from fileio import atomic_write, json_ready, write_json
-from run_info import config_differences, differences_md, study_info, study_labels, timing_cell, with_study_header
+from report import num, render_report
+from run_info import config_differences, differences_md, study_info, study_labels, with_study_header
 
 SCHEMA_VERSION = 1
 TRIAL_METRICS = ('train_loss', 'val_loss', 'perplexity', 'val_accuracy', 'token_accuracy', 'training_time',
@@ -42,17 +43,6 @@ TRIAL_METRICS = ('train_loss', 'val_loss', 'perplexity', 'val_accuracy', 'token_
 # mixture-of-experts trials (switchlm) also record these (see moe.py); summarised when present
 MOE_METRICS = ('moe_dropped_fraction', 'moe_router_entropy', 'moe_aux_loss', 'moe_z_loss')
 REQUIRED_METRICS = ('train_loss', 'val_loss', 'val_accuracy', 'training_time')
-SEED_KEYS = ('init', 'data', 'dropout')  # the seeds that drive randomness; trial_seed is a label
-# Two predictions count as identical when no probability differs by more than this: float32
-# softmax of the same computation agrees to ~1e-7, genuinely different models by far more.
-IDENTICAL_TOL = 1e-6
-# Information-leakage rule. A model that cannot see the token it predicts does not score far
-# better on unseen text than on its training text, and a character LM on Tiny Shakespeare
-# reaches ~1.4-1.5 nats at best (nanoGPT's 10M-parameter model: 1.47). So flag a trial when
-# val_loss < LEAK_RATIO * train_loss (any task), or, for character LMs (task 'lm'),
-# val_loss < LM_LOSS_FLOOR nats.
-LEAK_RATIO = 0.5
-LM_LOSS_FLOOR = 0.5
 PROVENANCE_KEYS = ('git_commit', 'git_dirty', 'torch_version', 'cuda_version', 'device', 'device_name',
                    'deterministic', 'python_version', 'hostname')
 
@@ -194,7 +184,7 @@ def load_study(study_dir):
 
 def summarize_group(model, activation, trials, warnings):
     """Summary entry of one model x activation: the original tool's fields, every pairwise
-    metric with mean, std and bootstrap CI, and mean/std/CI of the per-trial metrics."""
+    metric with mean, std and jackknife CI over trials, and mean/std/CI of the per-trial metrics."""
     recs = [t['record'] for t in trials]
     n = len(trials)
     rows = []
@@ -233,30 +223,20 @@ def summarize_group(model, activation, trials, warnings):
     ids = np.array(entry['trial_ids'])
     entry['pairwise'] = {'pairs': ids[pairs].tolist()}
     for metric, v in values.items():
-        d = metrics.pair_matrix(n, pairs, v)
-        ci = metrics.bootstrap_pairwise_ci(d)
-        entry['pairwise'][metric] = {
-            'values': v.tolist(), 'mean': float(v.mean()) if len(v) else None,
-            'std': float(v.std(ddof=1)) if len(v) >= 2 else None,
-            'ci': ci, 'ci_note': None if ci else metrics.no_interval(n)}
+        entry['pairwise'][metric] = {'values': v.tolist(), 'std': float(v.std(ddof=1)) if len(v) >= 2 else None,
+                                     **metrics.pairwise_interval(metrics.pair_matrix(n, pairs, v))}
     entry['avg_relative_pd'] = entry['pairwise']['relative_pd']['mean']
     entry['routing_agreement'] = routing_agreement(name, trials, ids, warnings)
     entry['reproducibility_metrics'] = [
         {'model_pair': ids[p].tolist(), 'relative_pd': float(values['relative_pd'][k]),
          'prediction_differences': int(values['prediction_differences'][k]), 'total_predictions': entry['n_eval']}
         for k, p in enumerate(pairs)]
-    # sanity: different seeds must give different predictions (vary=none keeps the seeds equal)
-    for k, (a, b) in enumerate(pairs):
-        sa, sb = (recs[a].get('seeds') or {}), (recs[b].get('seeds') or {})
-        if values['max_abs_diff'][k] <= IDENTICAL_TOL and any(sa.get(s) != sb.get(s) for s in SEED_KEYS):
-            warnings.append(f"{name}: trials {ids[a]} and {ids[b]} give identical predictions although their "
-                            f"seeds differ ({sa} vs {sb}) — seeds not applied")
     return entry
 
 
 def routing_agreement(name, trials, ids, warnings):
     """Routing agreement between every pair of a group's trials (routing_metrics.py: experts
-    matched by a maximum-weight assignment on co-routing counts), with mean, std and bootstrap
+    matched by a maximum-weight assignment on co-routing counts), with mean, std and jackknife
     CI over trials like the PD; None for trials without routing (not mixture-of-experts)."""
     have = [t['routing'] is not None for t in trials]
     if not any(have):
@@ -274,65 +254,22 @@ def routing_agreement(name, trials, ids, warnings):
         return None
     pairs = np.array([(i, j) for i, j, _ in r['pairs']])
     v = np.array([a for _, _, a in r['pairs']])
-    ci = metrics.bootstrap_pairwise_ci(metrics.pair_matrix(len(trials), pairs, v))
-    return {'pairs': ids[pairs].tolist(), 'values': v.tolist(), 'mean': r['mean'],
-            'std': float(v.std(ddof=1)) if len(v) >= 2 else None, 'ci': ci,
-            'ci_note': None if ci else metrics.no_interval(len(trials)),
+    return {'pairs': ids[pairs].tolist(), 'values': v.tolist(), 'std': float(v.std(ddof=1)) if len(v) >= 2 else None,
+            **metrics.pairwise_interval(metrics.pair_matrix(len(trials), pairs, v)),
             'per_layer_mean': r['per_layer_mean'], 'chance_mean': r['chance_mean'],
             'method': 'fraction of evaluation tokens whose first-choice experts match after matching '
                       'experts by linear_sum_assignment on co-routing counts; mean over MoE layers'}
 
 
-def sanity_trials(trials, warnings):
-    """Per-trial checks: implausibly low val loss, and a saved accuracy its predictions deny."""
-    for t in trials:
-        r, m = t['record'], t['record']['metrics']
-        why = []
-        if m['val_loss'] < LEAK_RATIO * m['train_loss']:
-            why.append(f"below {LEAK_RATIO} x train loss {m['train_loss']:.4f}")
-        if r.get('task') == 'lm' and m['val_loss'] < LM_LOSS_FLOOR:
-            why.append(f"below {LM_LOSS_FLOOR} nats, far under what character LMs reach")
-        if why:
-            warnings.append(f"{t['name']}: val loss {m['val_loss']:.4f} is {' and '.join(why)} — "
-                            f"possible information leakage (non-causal model?)")
-        if not t['history_ok']:
-            warnings.append(f"{t['name']}: history missing or malformed: no training curve for this trial")
-        acc = float((t['probs'].argmax(1) == t['targets']).mean())
-        if abs(acc - m['val_accuracy']) > 1e-9:
-            warnings.append(f"{t['name']}: val_accuracy {m['val_accuracy']:.6f} in the JSON differs from the "
-                            f"accuracy of its saved predictions {acc:.6f}")
-
-
-def sanity_across_activations(model, groups, warnings):
-    """Two activations of one model giving identical predictions for the same trial means
-    the activation was probably never applied (aliases like silu/swish excepted)."""
-    acts = sorted(groups)
-    for i, a in enumerate(acts):
-        for b in acts[i + 1:]:
-            if canonical_activation(a) == canonical_activation(b):
-                continue  # one function under two names: identical by design
-            tb = {t['trial']: t for t in groups[b]}
-            same = [t['trial'] for t in groups[a] if t['trial'] in tb and t['eval_hash'] == tb[t['trial']]['eval_hash']
-                    and t['probs'].shape == tb[t['trial']]['probs'].shape
-                    and metrics.max_abs_diff(t['probs'], tb[t['trial']]['probs']) <= IDENTICAL_TOL]
-            if same:
-                warnings.append(f"{model}: activations {a} and {b} give identical predictions (trial(s) "
-                                f"{', '.join(map(str, same))}) — activation probably not applied")
-    configs = {a: groups[a][0]['record'].get('config') or {} for a in acts}
-    keys = sorted({k for c in configs.values() for k in c if len({json.dumps(v.get(k)) for v in configs.values()}) > 1})
-    if keys:
-        warnings.append(f"{model}: activations were trained with different configs ({', '.join(keys)} differ); "
-                        f"comparing them is not like for like")
-
-
 def compare_to_baseline(model, act, base, ta, tb, warnings):
-    """Difference in mean relative PD (act - baseline) with a bootstrap CI over trials and a
-    permutation-test p-value over trial labels."""
+    """One activation against the baseline on relative PD: the difference of the two mean
+    pairwise PDs and the dispersion test (is one more reproducible?), and the prediction-shift
+    test (do they predict differently at all?). p_value_holm and the verdict come later, from
+    holm_and_verdicts over the whole study."""
     na, nb = len(ta), len(tb)
     out = {'model': model, 'activation': act, 'baseline': base, 'metric': 'relative_pd',
            'n_trials': na, 'n_trials_baseline': nb, 'mean': None, 'mean_baseline': None, 'difference': None,
-           'ci': None, 'ci_note': None, 'p_value': None, 'p_note': None, 'exact': None, 'n_permutations': None,
-           'error': None}
+           'dispersion': None, 'prediction_shift': None, 'note': None, 'error': None}
     try:
         pairs, values = metrics.compare(ta + tb, {'relative_pd': metrics.relative_pd})
     except metrics.EvalMismatch as e:
@@ -342,15 +279,47 @@ def compare_to_baseline(model, act, base, ta, tb, warnings):
     d = metrics.pair_matrix(na + nb, pairs, values['relative_pd'])
     ia, ib = np.arange(na), np.arange(na, na + nb)
     if min(na, nb) < 2:
-        out['p_note'] = out['ci_note'] = "needs at least 2 trials on each side"
+        out['note'] = "needs at least 2 trials on each side"
         return out
     out['mean'] = float(metrics.mean_over_distinct_pairs(d, ia))
     out['mean_baseline'] = float(metrics.mean_over_distinct_pairs(d, ib))
     out['difference'] = out['mean'] - out['mean_baseline']
-    out['ci'] = metrics.bootstrap_difference_ci(d, ia, ib)
-    out['ci_note'] = None if out['ci'] else metrics.no_interval(min(na, nb))
-    out.update(metrics.permutation_test(d, ia, ib))
+    out['prediction_shift'] = {**metrics.exchangeability_test(d, ia, ib), 'p_value_holm': None}
+    if min(na, nb) < 3:
+        out['note'] = "the dispersion test needs at least 3 trials on each side"
+        return out
+    out['dispersion'] = {**metrics.dispersion_test(d[np.ix_(ia, ia)], d[np.ix_(ib, ib)]), 'p_value_holm': None,
+                         'verdict': None}
     return out
+
+
+def holm_and_verdicts(comparisons):
+    """Holm over all comparisons of the study, separately for each test, then the verdict of
+    each dispersion test in words."""
+    for test in ('dispersion', 'prediction_shift'):
+        tested = [c[test] for c in comparisons if c[test]]
+        for res, p in zip(tested, metrics.holm([r['p_value'] for r in tested])):
+            res['p_value_holm'] = p
+    m = sum(1 for c in comparisons if c['dispersion'])
+    for c in comparisons:
+        if c['dispersion']:
+            c['dispersion']['verdict'] = verdict(c['dispersion'], c['n_trials'], c['n_trials_baseline'], m)
+
+
+def verdict(res, na, nb, m):
+    """'more reproducible' / 'less reproducible' / 'no detectable difference at n = ...', with
+    what the design could have detected."""
+    if res['p_value_holm'] <= metrics.ALPHA:
+        return 'more reproducible' if res['difference'] < 0 else 'less reproducible'
+    n = f"n = {na} + {nb} trials"
+    if res['min_p_value'] > metrics.ALPHA:
+        return (f"no detectable difference at {n}: the smallest p-value this test can give is "
+                f"{res['min_p_value']:.3g} > {metrics.ALPHA}, so no difference of any size could be detected")
+    if m * res['min_p_value'] > metrics.ALPHA:
+        return (f"no detectable difference at {n}: after Holm over {m} comparisons the smallest attainable "
+                f"adjusted p-value is {min(1, m * res['min_p_value']):.3g} > {metrics.ALPHA}")
+    return (f"no detectable difference at {n} (minimum detectable difference {res['min_detectable_difference']:.2g} "
+            f"in relative PD at alpha {metrics.ALPHA}, power {metrics.POWER}, before Holm)")
 
 
 # ----------------------------------------------------------------------------- the whole study
@@ -373,13 +342,17 @@ def build_summary(study_dir, baseline=None):
 
     warnings, results, comparisons = [], [], []
     for model, acts in groups.items():
-        for act, ts in acts.items():
-            results.append(summarize_group(model, act, ts, warnings))
-        sanity_across_activations(model, acts, warnings)
+        entries = [summarize_group(model, act, ts, warnings) for act, ts in acts.items()]
+        results += entries
+        ref = sanity.between_seed_pd(entries)
+        sanity.sanity_seeds(model, entries, ref, warnings)
+        sanity.sanity_across_activations(model, acts, ref, warnings)
         if base in acts:
             comparisons += [compare_to_baseline(model, a, base, ts, acts[base], warnings)
                             for a, ts in acts.items() if a != base]
-    sanity_trials(trials, warnings)
+    holm_and_verdicts(comparisons)
+    sanity.sanity_trials(trials, warnings)
+    sanity.check_streams(groups, warnings)
     valid = {(t['model'], t['activation'], t['trial']) for t in trials}
     for f in failures:
         f['has_result'] = (f.get('model'), f.get('activation'), f.get('trial')) in valid
@@ -399,14 +372,21 @@ def build_summary(study_dir, baseline=None):
         'schema_version': SCHEMA_VERSION,
         'study': os.path.basename(os.path.normpath(study_dir)),
         'baseline': base,
-        'statistics': {'confidence_level': metrics.CONFIDENCE, 'n_resamples': metrics.N_RESAMPLES,
+        'statistics': {'confidence_level': metrics.CONFIDENCE, 'alpha': metrics.ALPHA, 'power': metrics.POWER,
                        'n_permutations': metrics.N_PERMUTATIONS, 'seed': metrics.SEED,
                        'min_trials_for_ci': metrics.MIN_TRIALS_FOR_CI,
-                       'pairwise_ci': 'percentile bootstrap over trials; pairs of a trial with itself left out',
-                       'trial_ci': 'percentile bootstrap of the mean (scipy.stats.bootstrap)',
-                       'p_value': 'two-sided permutation test over trial labels (scipy.stats.permutation_test)',
+                       'pairwise_ci': 'leave-one-trial-out jackknife t-interval of the mean over pairs (T - 1 df)',
+                       'trial_ci': 't-interval of the mean over trials (n - 1 df)',
+                       'dispersion': 'difference of mean pairwise relative PD; permutation test of the jackknife '
+                                     'pseudo-values (Welch t statistic) over group labels',
+                       'prediction_shift': 'permutation test over trial labels of between- minus within-group '
+                                           'relative PD (null: exchangeable trials)',
+                       'multiple_comparisons': 'Holm over all comparisons of the study, separately per test',
+                       'elementwise_floor': metrics.ELEMENTWISE_FLOOR,
                        'std': 'sample standard deviation (ddof=1)'},
-        'sanity_rules': {'identical_tol': IDENTICAL_TOL, 'leak_ratio': LEAK_RATIO, 'lm_loss_floor': LM_LOSS_FLOOR},
+        'sanity_rules': {'sanity_ratio': sanity.SANITY_RATIO, 'identical_tol': sanity.IDENTICAL_TOL,
+                         'causality_tol': sanity.CAUSALITY_TOL, 'leak_ratio': sanity.LEAK_RATIO,
+                         'lm_loss_floor': sanity.LM_LOSS_FLOOR},
         'warnings': warnings,
         'results': results,
         'comparisons': comparisons,
@@ -416,127 +396,6 @@ def build_summary(study_dir, baseline=None):
                        **{k + 's': sorted(v, key=json.dumps) for k, v in seen.items()}},
         'study_info': study_info(trials),
     }
-
-
-# ----------------------------------------------------------------------------- report
-
-def _num(x, digits=4):
-    if x is None:
-        return '—'
-    if x == 0:
-        return '0'
-    return f'{x:.{digits}f}' if abs(x) >= 10 ** -(digits - 1) else f'{x:.2e}'
-
-
-def _ci(ci):
-    return f"[{_num(ci[0])}, {_num(ci[1])}]" if ci else "no interval possible (< 3 trials)"
-
-
-def _pm(stat):
-    if not stat:
-        return '—'
-    return _num(stat['mean']) + (f" ± {_num(stat['std'])}" if stat['std'] is not None else '')
-
-
-def _bold_best(results, key, best):
-    vals = [key(r) for r in results]
-    ok = [v for v in vals if v is not None]
-    return {i for i, v in enumerate(vals) if ok and v == best(ok)}
-
-
-def render_report(s):
-    out = [f"# Reproducibility report: {s['study']}", "",
-           "Every number below is computed from the trial files listed under Inputs. Relative PD = "
-           "mean |p1 − p2| / (mean p1 + mean p2) between two trials' softmax outputs on the same "
-           "evaluation set (= mean total-variation distance; 0 identical, 1 disjoint).", "", "## Warnings", ""]
-    out += [f"- {w}" for w in s['warnings']] or ["None."]
-    st = s['statistics']
-    out += ["", f"Intervals: {int(st['confidence_level'] * 100)}% {st['pairwise_ci']} ({st['n_resamples']} resamples, "
-            f"seed {st['seed']}); none with fewer than {st['min_trials_for_ci']} trials. Std: {st['std']}.", ""]
-    if s['baseline'] is None:
-        out += ["No relu runs in this study, so no comparisons against a baseline (choose one with --baseline).", ""]
-    models = {}
-    for r in s['results']:
-        models.setdefault(r['model_name'], []).append(r)
-    for model, results in models.items():
-        pd = lambda r: (r['pairwise'] or {}).get('relative_pd', {}).get('mean')  # noqa: E731
-        best_pd = _bold_best(results, pd, min)
-        best_loss = _bold_best(results, lambda r: r['avg_val_loss'], min)
-        best_acc = _bold_best(results, lambda r: r['avg_val_accuracy'], max)
-        out += [f"## {model}", "", f"task {results[0]['task']}, vary {results[0]['vary']}, "
-                f"{results[0]['n_eval']} evaluation examples", "",
-                "| activation | trials | relative PD [95% CI] | top-1 disagreement | val loss (mean ± std) | "
-                "val accuracy | time per trial, all-in (s) |", "|---|---|---|---|---|---|---|"]
-        for i, r in enumerate(results):
-            b = lambda text, best: f"**{text}**" if i in best else text  # noqa: E731
-            if r['error']:
-                pd_cell, top1 = f"ERROR: {r['error']}", '—'
-            elif r['n_trials'] < 2:
-                pd_cell, top1 = "— (1 trial: no pairs)", '—'
-            else:
-                p = r['pairwise']
-                pd_cell = b(_num(p['relative_pd']['mean']), best_pd) + ' ' + _ci(p['relative_pd']['ci'])
-                top1 = _num(p['top1_disagreement']['mean'])
-            out.append(f"| {r['activation']} | {r['n_trials']} | {pd_cell} | {top1} | "
-                       f"{b(_pm(r['trial_stats']['val_loss']), best_loss)} | "
-                       f"{b(_num(r['avg_val_accuracy']), best_acc)} | {timing_cell(r, s.get('study_info'))} |")
-        others = [m for m in metrics.PAIR_METRICS if m not in ('relative_pd', 'top1_disagreement')]
-        out += ["", "Bold: lowest relative PD (most reproducible), lowest val loss, highest val accuracy.", "",
-                "Other pairwise metrics (mean over pairs; JS divergence in bits):", "",
-                "| activation | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
-        for r in results:
-            cells = [(f"{r['pairwise'][m]['mean']:.1f}" if m == 'prediction_differences'  # a count
-                      else _num(r['pairwise'][m]['mean']))
-                     if r['pairwise'] and r['pairwise'][m]['mean'] is not None else '—' for m in others]
-            out.append(f"| {r['activation']} | " + " | ".join(cells) + " |")
-        moe = [r for r in results if r.get('routing_agreement') or (r['trial_stats'] or {}).get('moe_dropped_fraction')]
-        if moe:
-            out += ["", "Mixture of experts: routing agreement between trials (fraction of evaluation tokens sent "
-                    "to the same expert after matching experts across the two trials; 1 = identical routing; "
-                    "'chance' = the same with one trial's tokens shuffled), next to the PD and the routing "
-                    "statistics of the evaluation set (means over trials):", "",
-                    "| activation | routing agreement [95% CI] | chance | relative PD | perplexity | "
-                    "dropped tokens | router entropy (nats) |", "|---|---|---|---|---|---|---|"]
-            for r in moe:
-                ra, st = r.get('routing_agreement'), r['trial_stats']
-                agree = f"{_num(ra['mean'])} {_ci(ra['ci'])}" if ra else '—'
-                mean = lambda k: _num((st.get(k) or {}).get('mean'))  # noqa: E731
-                out.append(f"| {r['activation']} | {agree} | {_num(ra['chance_mean']) if ra else '—'} | "
-                           f"{_num(r['avg_relative_pd'])} | {mean('perplexity')} | {mean('moe_dropped_fraction')} | "
-                           f"{mean('moe_router_entropy')} |")
-        cmp = [c for c in s['comparisons'] if c['model'] == model]
-        if cmp:
-            out += ["", f"Against {s['baseline']}: difference in mean relative PD (activation − {s['baseline']}), "
-                    "two-sided permutation test over trial labels (an exact test over n splits cannot give a "
-                    "p below 2/n):", "",
-                    "| activation | relative PD | " + s['baseline'] + " | difference [95% CI] | p-value |",
-                    "|---|---|---|---|---|"]
-            for c in cmp:
-                if c['error']:
-                    out.append(f"| {c['activation']} | ERROR: {c['error']} | | | |")
-                    continue
-                if c['p_value'] is None:
-                    p = c['p_note']
-                else:
-                    p = f"{c['p_value']:.4g} ({'exact, ' if c['exact'] else ''}{c['n_permutations']} permutations)"
-                diff = '—' if c['difference'] is None else f"{_num(c['difference'])} {_ci(c['ci'])}"
-                out.append(f"| {c['activation']} | {_num(c['mean'])} | {_num(c['mean_baseline'])} | {diff} | {p} |")
-        elif s['baseline']:
-            out += ["", f"No {s['baseline']} runs for {model}: no comparisons."]
-        out.append("")
-    if s['failures']:
-        out += ["## Failed trials", ""]
-        out += [f"- {f.get('model')}/{f.get('activation')}/trial_{f.get('trial')}: {f.get('error')}"
-                + (" (a later run of it succeeded)" if f.get('has_result') else '') for f in s['failures']]
-        out.append("")
-    if s['bad_files']:
-        out += ["## Skipped files", ""] + [f"- `{b['path']}`: {b['reason']}" for b in s['bad_files']] + [""]
-    p = s['provenance']
-    out += ["## Inputs", "", f"{p['n_trials']} trials from {len(p['files'])} files; git commits: "
-            f"{', '.join(map(str, p.get('git_commits', [])))}; git dirty: {', '.join(map(str, p.get('git_dirtys', [])))}; torch: "
-            f"{', '.join(map(str, p.get('torch_versions', [])))}; devices: {', '.join(map(str, p.get('device_names', [])))}.",
-            "SHA-256 of every input file: summary.json, provenance.files.", ""]
-    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -614,7 +473,7 @@ def compare_studies(dir_a, dir_b, out_dir=None, plots_dir=None, verbose=True):
            "|---|---|---|" + "---|---|---|" * len(COMPARED)]
     for r in rows:
         md.append(f"| {r['model']} | {r['activation']} | {r['a']['n_trials']} / {r['b']['n_trials']} | " +
-                  " | ".join(f"{_num(r['a'][k])} | {_num(r['b'][k])} | {_num(r['change'][k])}" for k in COMPARED) + " |")
+                  " | ".join(f"{num(r['a'][k])} | {num(r['b'][k])} | {num(r['change'][k])}" for k in COMPARED) + " |")
     fig = plot_utils.comparison_plot(rows, name_a, name_b)
     write_json(os.path.join(out_dir, 'compare.json'), comparison)
     write_text(os.path.join(out_dir, 'COMPARE.md'), "\n".join(md) + "\n")

@@ -15,11 +15,17 @@ import math
 import numpy as np
 from scipy import stats
 
-MIN_TRIALS_FOR_CI = 3    # with fewer trials a bootstrap over trials has (almost) nothing to resample
-N_RESAMPLES = 2000       # bootstrap resamples
-N_PERMUTATIONS = 9999    # permutation test: exact enumeration when there are fewer distinct splits
 CONFIDENCE = 0.95
-SEED = 0                 # fixed, so the same files give the same intervals and p-values
+ALPHA = 0.05             # level of the tests, after the Holm correction
+POWER = 0.8              # power at which the minimum detectable difference is quoted
+N_PERMUTATIONS = 9999    # permutation tests: exact enumeration when there are fewer distinct splits
+SEED = 0                 # fixed, so the same files give the same p-values
+# Fewest trials from which an interval is given (below: ci None and a note saying why). The
+# jackknife needs 3; tests/test_calibration.py's simulations (figures in the README, "The
+# analysis") show its 95% intervals covering the truth in >= 90% of studies from 3 trials on.
+MIN_TRIALS_FOR_CI = 3
+# relative_pd_elementwise counts probabilities below this as this (see there)
+ELEMENTWISE_FLOOR = 1e-3
 
 
 class EvalMismatch(ValueError):
@@ -50,15 +56,22 @@ def total_variation(p1, p2):
     return 0.5 * np.abs(p1 - p2).sum(-1).mean(-1)
 
 
-def relative_pd_elementwise(p1, p2):
-    """Mean over examples and classes of 2|p1 - p2| / (p1 + p2), 0 where both are 0: the
-    per-element relative PD of Shamir et al. Weighs disagreement on unlikely classes as much
-    as on likely ones; in [0, 2]."""
+def relative_pd_elementwise(p1, p2, floor=ELEMENTWISE_FLOOR):
+    """Mean over examples and classes of 2|q1 - q2| / (q1 + q2) with q = max(p, floor): the
+    per-element relative PD of Shamir et al. with a probability floor; in [0, 2).
+
+    Without the floor the ratio is ~2 for any two tiny probabilities (1e-12 vs 1e-10), so
+    classes no trial considers possible dominate the mean (in this project's LMs most of it
+    came from entries where both are below 1e-3, largely float32 softmax tails). Clipping both
+    at 1e-3 (a class drawn once in 1000 samples) makes entries where both are below the floor
+    count 0 and keeps the value continuous in p; the mean stays over all n x C entries, so
+    values of different pairs remain comparable. What it measures: relative disagreement on
+    every class at least one trial gives >= 0.1%, weighing unlikely classes like likely ones."""
     p1, p2 = _rows(p1, p2)
-    s = p1 + p2
-    with np.errstate(divide='ignore', invalid='ignore'):
-        r = np.where(s > 0, 2 * np.abs(p1 - p2) / s, 0.0)
-    return r.mean((-2, -1))
+    q1, q2 = np.maximum(p1, floor), np.maximum(p2, floor)
+    s = q1 + q2
+    with np.errstate(divide='ignore', invalid='ignore'):  # floor 0 and two zeros: 0
+        return np.where(s > 0, 2 * np.abs(q1 - q2) / s, 0.0).mean((-2, -1))
 
 
 def prediction_differences(p1, p2):
@@ -161,14 +174,18 @@ def pair_matrix(n_trials, pairs, values):
 
 
 # ----------------------------------------------------------------------------- statistics over trials
+#
+# The unit is the trial: pairs that share a trial are not independent, so nothing below treats
+# pairs as samples. Every interval comes with its method, and is None below MIN_TRIALS_FOR_CI.
+
+def interval_note(n):
+    return (f"no interval possible: {n} trial(s); a {CONFIDENCE:.0%} interval needs at least "
+            f"{MIN_TRIALS_FOR_CI} trials per group")
+
 
 def mean_over_distinct_pairs(d, idx):
     """Mean of d[a, b] over the position pairs of each row of idx [..., k] that hold two
-    different trials; nan for a row holding one trial only.
-
-    A bootstrap resample draws trials with replacement, so it can hold the same trial twice.
-    Such a pair compares a trial with itself and would add a 0 that no real pair of trials
-    produces, biasing the mean down; it is left out, and the rest of the resample counts."""
+    different trials; nan for a row holding one trial only."""
     a, b = idx[..., :, None], idx[..., None, :]
     distinct = a != b
     n = distinct.sum((-2, -1))
@@ -177,46 +194,145 @@ def mean_over_distinct_pairs(d, idx):
         return np.where(n > 0, total / np.maximum(n, 1), np.nan)
 
 
-def _percentile_ci(samples, confidence):
-    samples = samples[~np.isnan(samples)]  # resamples that drew a single trial have no pair
-    lo, hi = np.percentile(samples, [50 * (1 - confidence), 50 * (1 + confidence)])
-    return [float(lo), float(hi)]
-
-
-def no_interval(n):
-    return f"no interval possible: {n} trial(s), need at least {MIN_TRIALS_FOR_CI}"
-
-
-def bootstrap_pairwise_ci(d, n_resamples=N_RESAMPLES, confidence=CONFIDENCE, seed=SEED):
-    """Percentile interval of the mean pairwise metric from a bootstrap over trials: resample
-    trial indices with replacement, recompute the mean over pairs of distinct trials (see
-    mean_over_distinct_pairs). d: [T, T] pair matrix. None with fewer than 3 trials.
-    (Own loop, not scipy.stats.bootstrap: scipy cannot drop the resamples that hold no pair.)"""
+def pseudo_values(d):
+    """Leave-one-trial-out jackknife pseudo-values of the mean of a pair matrix d [T, T] over
+    its distinct pairs (a U-statistic of the trials), T >= 3: psi_i = T U - (T - 1) U_(-i),
+    where U_(-i) leaves out trial i and all T - 1 of its pairs. Their mean is U exactly, their
+    variance / T the jackknife variance of U. Each is trial i's own contribution to the spread
+    (for d_ij = s_i + s_j it is exactly 2 s_i), so they are what the dispersion test compares."""
     t = len(d)
+    if t < 3:
+        raise ValueError(f"jackknife pseudo-values need at least 3 trials, got {t}")
+    total, row = np.triu(d, 1).sum(), d.sum(1) - np.diag(d)
+    return 2 * row / (t - 2) - 2 * total / ((t - 1) * (t - 2))
+
+
+def _t_interval(mean, se, df, confidence):
+    h = stats.t.ppf(0.5 + confidence / 2, df) * se
+    return [float(mean - h), float(mean + h)]
+
+
+def pairwise_interval(d, confidence=CONFIDENCE):
+    """Mean of a pairwise metric over the distinct pairs of T trials with a leave-one-trial-out
+    jackknife t-interval (T - 1 df): {'mean', 'ci', 'ci_method', 'ci_note'}."""
+    t = len(d)
+    out = {'mean': float(np.triu(d, 1).sum() / math.comb(t, 2)) if t >= 2 else None,
+           'ci': None, 'ci_method': None, 'ci_note': None}
     if t < MIN_TRIALS_FOR_CI:
-        return None
-    idx = np.random.default_rng(seed).integers(0, t, size=(n_resamples, t))
-    return _percentile_ci(mean_over_distinct_pairs(d, idx), confidence)
+        out['ci_note'] = interval_note(t)
+        return out
+    psi = pseudo_values(d)
+    out.update(ci=_t_interval(out['mean'], psi.std(ddof=1) / math.sqrt(t), t - 1, confidence),
+               ci_method=f'leave-one-trial-out jackknife t-interval, {t - 1} df')
+    return out
 
 
-def bootstrap_difference_ci(d, ia, ib, n_resamples=N_RESAMPLES, confidence=CONFIDENCE, seed=SEED):
-    """Interval of (mean pairwise metric within group a) - (within group b), resampling each
-    group's trials independently. d: pair matrix over the pooled trials; ia, ib: their indices.
-    None unless both groups have at least 3 trials."""
-    ia, ib = np.asarray(ia), np.asarray(ib)
-    if min(len(ia), len(ib)) < MIN_TRIALS_FOR_CI:
-        return None
-    rng = np.random.default_rng(seed)
-    ra = ia[rng.integers(0, len(ia), size=(n_resamples, len(ia)))]
-    rb = ib[rng.integers(0, len(ib), size=(n_resamples, len(ib)))]
-    return _percentile_ci(mean_over_distinct_pairs(d, ra) - mean_over_distinct_pairs(d, rb), confidence)
+def describe(values, confidence=CONFIDENCE):
+    """n, mean, sample std (ddof=1; None below 2 values) and a t-interval of the mean over
+    trials (None below MIN_TRIALS_FOR_CI, with ci_note saying why)."""
+    v = np.asarray(values, dtype=np.float64)
+    n = len(v)
+    out = {'n': n, 'mean': float(v.mean()) if n else None, 'std': float(v.std(ddof=1)) if n >= 2 else None,
+           'ci': None, 'ci_method': None, 'ci_note': None}
+    if n < MIN_TRIALS_FOR_CI:
+        out['ci_note'] = interval_note(n)
+        return out
+    out.update(ci=_t_interval(out['mean'], out['std'] / math.sqrt(n), n - 1, confidence),
+               ci_method=f't-interval over trials, {n - 1} df')
+    return out
 
 
-def permutation_test(d, ia, ib, n_resamples=N_PERMUTATIONS, seed=SEED):
-    """Two-sided p-value for (mean pairwise metric within a) - (within b) from permuting trial
-    labels between the groups (scipy.stats.permutation_test; exact enumeration of all splits
-    when there are at most n_resamples). Null hypothesis: the trials of the two groups are
-    exchangeable. Needs at least 2 trials per group (else there is no within-group pair)."""
+# ----------------------------------------------------------------------------- two groups of trials
+
+def _welch_t(x, y, axis=-1):
+    mx, my = x.mean(axis), y.mean(axis)
+    se = np.sqrt(x.var(axis, ddof=1) / x.shape[axis] + y.var(axis, ddof=1) / y.shape[axis])
+    with np.errstate(divide='ignore', invalid='ignore'):
+        return np.where(se > 0, (mx - my) / se, np.where(mx == my, 0.0, np.sign(mx - my) * np.inf))
+
+
+def _permutation(x, y, statistic, alternative, n_resamples, seed):
+    """Permutation test over group labels (scipy; exact enumeration of all splits when there
+    are at most n_resamples): p-value, whether exact, number of permutations, and the smallest
+    p-value this test can give with these group sizes at all."""
+    res = stats.permutation_test((x, y), statistic, permutation_type='independent', vectorized=True,
+                                 n_resamples=n_resamples, alternative=alternative,
+                                 random_state=np.random.default_rng(seed))
+    n_splits = math.comb(len(x) + len(y), len(x))
+    exact = n_splits <= n_resamples
+    least = smallest_p(len(x), len(y), 2 if alternative == 'two-sided' else 1, n_resamples)
+    return {'p_value': float(res.pvalue), 'exact': exact, 'n_permutations': n_splits if exact else n_resamples,
+            'min_p_value': float(min(1.0, least))}
+
+
+def smallest_p(na, nb, sides=2, n_resamples=N_PERMUTATIONS):
+    """The smallest p-value a permutation test over na + nb trials can give at all. An exact
+    test can do no better than the observed split alone (two-sided: and its mirror, counted on
+    both sides; a symmetric statistic: and its mirror, when the groups are of one size); a
+    random one than (0 + 1) / (n_resamples + 1), per side."""
+    n_splits = math.comb(na + nb, na)
+    if n_splits <= n_resamples:
+        return min(1.0, max(sides, 2 if na == nb else 1) / n_splits)
+    return min(1.0, sides / (n_resamples + 1))
+
+
+def trials_to_detect(m, alpha=ALPHA):
+    """Fewest trials per group (both groups alike) with which a two-sided permutation test can
+    give p <= alpha / m, the first step of Holm over m comparisons: below it no difference of
+    any size can be detected."""
+    n = 2
+    while smallest_p(n, n) > alpha / max(1, m):
+        n += 1
+    return n
+
+
+def _welch_df(va, dfa, vb, dfb):
+    """Welch-Satterthwaite degrees of freedom of va + vb (two variances of means)."""
+    if va + vb == 0:
+        return float(dfa + dfb)
+    return float((va + vb) ** 2 / (va ** 2 / dfa + vb ** 2 / dfb))
+
+
+def dispersion_test(d_a, d_b, n_resamples=N_PERMUTATIONS, confidence=CONFIDENCE, seed=SEED):
+    """Are group a's trials more or less spread than group b's? d_a, d_b: each group's *own*
+    pair matrix (e.g. relative PD), so it stays valid when the two groups predict differently.
+
+    A dispersion test in the manner of PERMDISP (Anderson 2006): every trial gets a dispersion
+    value and a permutation test compares those values between the groups. PERMDISP's value
+    (distance to the group's mean prediction) shares the mean's noise among a group's trials,
+    which made its permutation test reject 7-14% of equal-spread cases at alpha 0.05 in
+    tests/test_calibration.py's simulations; the jackknife pseudo-values of the mean pairwise
+    distance (pseudo_values) carry no such shared term and held the level. So: the difference
+    of the two mean pairwise distances (= of the pseudo-values' means), a Welch t-interval from
+    the pseudo-values (= jackknife standard errors), a two-sided permutation test of the Welch
+    t statistic of the pseudo-values over group labels, and the minimum detectable difference
+    (at ALPHA, power POWER; None where no p-value can reach ALPHA). Needs 3 trials per group."""
+    if min(len(d_a), len(d_b)) < 3:
+        raise ValueError("a dispersion test needs at least 3 trials per group")
+    pa, pb = pseudo_values(d_a), pseudo_values(d_b)
+    va, vb = pa.var(ddof=1) / len(pa), pb.var(ddof=1) / len(pb)
+    df, se = _welch_df(va, len(pa) - 1, vb, len(pb) - 1), math.sqrt(va + vb)
+    diff = float(pa.mean() - pb.mean())
+    out = {'difference': diff, 'ci': _t_interval(diff, se, df, confidence),
+           'ci_method': f'jackknife standard errors of both groups, Welch t-interval, {df:.1f} df'}
+    out.update(_permutation(pa, pb, _welch_t, 'two-sided', n_resamples, seed))
+    out['min_detectable_difference'] = None if out['min_p_value'] > ALPHA else float(
+        (stats.t.ppf(1 - ALPHA / 2, df) + stats.t.ppf(POWER, df)) * se)
+    out['method'] = ("dispersion test: leave-one-trial-out jackknife pseudo-values of each group's mean pairwise "
+                     "relative PD, two-sided permutation test of their Welch t statistic over group labels")
+    return out
+
+
+def exchangeability_test(d, ia, ib, contrast='shift', n_resamples=N_PERMUTATIONS, seed=SEED):
+    """Permutation test over trial labels; d: pair matrix over the pooled trials, ia, ib: the
+    two groups' indices (>= 2 each). Null hypothesis: the two groups' trials are exchangeable,
+    i.e. come from one distribution, in location and in spread alike.
+
+    contrast 'shift' (the prediction-shift test): mean PD between the groups minus the mean of
+    the two within-group means, one-sided: do the two groups predict differently at all?
+    contrast 'spread' (what this project used to call its reproducibility test): within a minus
+    within b, two-sided. Both reject when two equally reproducible groups predict differently,
+    since that breaks exchangeability; neither is a test of reproducibility (dispersion_test is)."""
     ia, ib = np.asarray(ia), np.asarray(ib)
     if min(len(ia), len(ib)) < 2:
         return None
@@ -224,27 +340,26 @@ def permutation_test(d, ia, ib, n_resamples=N_PERMUTATIONS, seed=SEED):
     def statistic(x, y, axis=-1):
         x = np.moveaxis(np.asarray(x), axis, -1).astype(np.intp)
         y = np.moveaxis(np.asarray(y), axis, -1).astype(np.intp)
-        return mean_over_distinct_pairs(d, x) - mean_over_distinct_pairs(d, y)
+        wa, wb = mean_over_distinct_pairs(d, x), mean_over_distinct_pairs(d, y)
+        if contrast == 'spread':
+            return wa - wb
+        return d[x[..., :, None], y[..., None, :]].mean((-2, -1)) - (wa + wb) / 2
 
-    res = stats.permutation_test((ia, ib), statistic, permutation_type='independent', vectorized=True,
-                                 n_resamples=n_resamples, alternative='two-sided',
-                                 random_state=np.random.default_rng(seed))
-    n_splits = math.comb(len(ia) + len(ib), len(ia))
-    exact = n_splits <= n_resamples
-    return {'p_value': float(res.pvalue), 'exact': exact,
-            'n_permutations': n_splits if exact else n_resamples}
+    if contrast not in ('shift', 'spread'):
+        raise ValueError(f"contrast {contrast!r}; valid: shift, spread")
+    out = _permutation(ia, ib, statistic, 'greater' if contrast == 'shift' else 'two-sided', n_resamples, seed)
+    out['method'] = ("permutation test over trial labels (null: the two groups' trials are exchangeable) of "
+                     + ("mean relative PD between the groups minus within them, one-sided" if contrast == 'shift'
+                        else "the difference in mean within-group relative PD, two-sided"))
+    return out
 
 
-def describe(values, n_resamples=N_RESAMPLES, confidence=CONFIDENCE, seed=SEED):
-    """n, mean, sample std (ddof=1; None below 2 values) and a percentile bootstrap interval of
-    the mean (scipy.stats.bootstrap; None below 3 values, with ci_note saying why)."""
-    v = np.asarray(values, dtype=np.float64)
-    out = {'n': len(v), 'mean': float(v.mean()) if len(v) else None,
-           'std': float(v.std(ddof=1)) if len(v) >= 2 else None, 'ci': None, 'ci_note': None}
-    if len(v) < MIN_TRIALS_FOR_CI:
-        out['ci_note'] = no_interval(len(v))
-        return out
-    res = stats.bootstrap((v,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
-                          method='percentile', vectorized=True, random_state=np.random.default_rng(seed))
-    out['ci'] = [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+def holm(p_values):
+    """Holm's step-down adjustment of a list of p-values (None entries are skipped and stay
+    None): controls the family-wise error rate over the list's tests."""
+    idx = sorted((i for i, p in enumerate(p_values) if p is not None), key=lambda i: p_values[i])
+    out, running = list(p_values), 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (len(idx) - rank) * p_values[i]))
+        out[i] = running
     return out

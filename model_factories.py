@@ -52,11 +52,21 @@ def build_model(model_name, activation_name, config, seed=None):
     cls = _BUILDERS[model_name]
     if seed is None:
         return cls(config, activation_name)
-    # fork_rng: initialisation draws from its own seeded stream and leaves the global RNG
-    # (which drives dropout) exactly as the caller set it
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    # Initialisation draws from its own stream: the CPU generator (models are built on the
+    # CPU, or on meta), seeded alone and restored afterwards, so the global RNG that drives
+    # dropout is left exactly as the caller set it, on every device. Not torch.manual_seed:
+    # it also seeds every CUDA generator (or, before CUDA is initialised, queues that seed
+    # for the moment it is), and that once left CUDA's dropout drawing from the init seed.
+    # The fork also restores every CUDA generator that exists, in case a model draws there.
+    with torch.random.fork_rng(devices=rng_devices(), device_type='cuda'):
+        torch.default_generator.manual_seed(seed)
         return cls(config, activation_name)
+
+
+def rng_devices():
+    """The CUDA devices whose generators exist: every device once CUDA is initialised, none
+    before (forking them would initialise CUDA just for that, in processes that never use it)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
 
 
 def count_parameters(model):

@@ -134,8 +134,9 @@ def training_curves(results, colors, model):
 
 
 def metric_bars(summary, colors, metric, ylabel):
-    """Per model, one bar per activation with its bootstrap interval drawn as a line
-    (groups without an interval get none and are marked n<3)."""
+    """Per model, one bar per activation (mean over pairs) with its 95% interval over trials
+    drawn as a line; groups whose interval is withheld (too few trials) get no line and a
+    label saying so."""
     models = _by_model(summary)
     fig, axes = _grid(len(models))
     for ax, (model, results) in zip(axes, models.items()):
@@ -151,12 +152,13 @@ def metric_bars(summary, colors, metric, ylabel):
                 ax.vlines(k, ci[0], ci[1], color='black', linewidth=1.2)
                 ax.plot([k, k], ci, color='black', marker='_', markersize=8, linestyle='none')
             else:
-                ax.text(k, mean, 'n<3', ha='center', va='bottom', fontsize=7)
+                ax.text(k, mean, f"no CI\n({r.get('n_trials')} trials)", ha='center', va='bottom', fontsize=6)
         ax.set_xticks(x)
         ax.set_xticklabels(names, rotation=45, ha='right', fontsize=8)
         ax.set_title(model, fontsize=10)
         ax.set_ylabel(ylabel, fontsize=8)
-    fig.suptitle(f'{ylabel} between trials (bars: mean over pairs; lines: 95% bootstrap CI over trials)', fontsize=10)
+    fig.suptitle(f'{ylabel} between trials (bars: mean over pairs; lines: 95% jackknife CI over trials, '
+                 f'none where too few trials)', fontsize=10)
     return fig
 
 

@@ -78,6 +78,11 @@ DESIGNS = {
                          about='the original partial study: 6 models x 5 activations x 3 trials, gpu preset'),
     'seed_full': dict(config='gpu_full', models=ORIGINAL_MODELS, activations=PARTIAL_ACTIVATIONS + ('swiglu',),
                       trials=3, about='the original full study: 6 models x 6 activations x 3 trials, gpu_full preset'),
+    # 10 trials per group: enough for the dispersion test to detect a difference after Holm
+    # over its 4 comparisons (3 trials cannot: README, "The analysis"); ~30 min on 2 CPU cores
+    'cpu_power': dict(config='cpu', models=('minigpt', 'tinylstm'), activations=('relu', 'gelu', 'smelu_1'),
+                      trials=10, about='2 models x relu/gelu/smelu_1 x 10 trials, cpu preset: a CPU study '
+                                       'that can reach a verdict'),
 }
 # Without a design: this grid on --config (default cpu).
 DEFAULT_GRID = dict(config='cpu', models=ORIGINAL_MODELS, activations=PARTIAL_ACTIVATIONS, trials=3)

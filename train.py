@@ -4,7 +4,10 @@ Train seeded trials of one model/activation pair and save what the analysis need
     python train.py --model minigpt --activation gelu --config cpu --trials 3
 
 Trial k uses seed seed_base + k. Weight init, batch order and dropout draw from three
-separate streams derived from it; --vary picks which of them change across trials.
+separate streams derived from it; --vary picks which of them change across trials. The
+trial JSON records digests of the three streams as the first step finds them ("streams"),
+so the analysis can check that exactly the varied ones differ, and, for language models,
+whether the trained model sees the future (metrics.causality_max_change).
 Each trial writes <results-dir>/<study>/<model>/<activation>/trial_<k>.npz (softmax on the
 fixed evaluation set) and then trial_<k>.json (metrics, history, provenance), both
 atomically: a trial is done exactly when its JSON exists.
@@ -44,6 +47,7 @@ from fileio import DataError, atomic_write, sha256_file, write_json
 from model_factories import (ALL_MODEL_NAMES, build_model, check_activation, check_memory, check_model,
                              count_parameters, model_kind)
 from prepare_data import make_task
+from trial_checks import causality_probe, stream_fingerprints
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 VARY_MODES = ('all', 'init', 'data', 'dropout', 'none')
@@ -87,6 +91,15 @@ def trial_seeds(seed_base, trial, vary):
 
 def trial_path(results_dir, study, model, activation, trial, ext='json'):
     return os.path.join(results_dir, study, model, activation, f'trial_{trial}.{ext}')
+
+
+def seed_dropout_stream(seed):
+    """Seed the global RNG that dropout and router jitter draw from. torch.manual_seed seeds
+    the CPU generator and every CUDA device's generator (manual_seed_all), so this is the
+    dropout seed on whichever device the trial runs. run_trial calls it once, after the
+    model is built and on its device, and nothing seeds the global RNG after it before the
+    first step: no later seeding call (the init seed's, say) can take its place."""
+    torch.manual_seed(seed)
 
 
 def trial_identity(task, model_name, activation, trial, vary, config):
@@ -313,7 +326,8 @@ def run_trial(model_name, activation, trial, config, study, opts=RunOptions()):
                               f"--results-dir, or --force to overwrite it")
 
     set_determinism(opts.deterministic, dev)
-    torch.manual_seed(seeds['dropout'])  # the global RNG drives dropout (and router noise)
+    # three streams: data from its own generator, init from its own seeded fork inside
+    # build_model, dropout (and router jitter) from the global RNG, seeded last of all
     train_stream = task.train_batches(config.batch_size, torch.Generator().manual_seed(seeds['data']))
     model = build_model(model_name, activation, config, seed=seeds['init']).to(dev)
     n_params = count_parameters(model)
@@ -322,6 +336,9 @@ def run_trial(model_name, activation, trial, config, study, opts=RunOptions()):
     amp = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     if dev.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(dev)
+    # after the model is built and on its device, on every device; no seeding after this
+    seed_dropout_stream(seeds['dropout'])
+    streams = None
 
     history = {'iter': [], 'train_loss': [], 'val_loss': [], 'lr': [], 'grad_norm': []}
     best_val, best_state, evals_since_best, stopped_early_at = math.inf, None, 0, None
@@ -362,6 +379,8 @@ def run_trial(model_name, activation, trial, config, study, opts=RunOptions()):
                    for _ in range(config.grad_accum_steps)]
         # the gradient norm is logged at eval points: compute it on the step before one
         want_norm = (it + 1) % config.eval_interval == 0 or it + 1 == config.max_iters
+        if it == 0:  # the streams as the first step finds them
+            streams = stream_fingerprints(model, batches, dev)
         loss, grad_norm = train_step(step_model, optimizer, batches, config, amp, want_norm)
         it += 1
         if it % check_every == 0 or it == config.max_iters:
@@ -397,6 +416,8 @@ def run_trial(model_name, activation, trial, config, study, opts=RunOptions()):
         metrics.update(model.trial_metrics())
     if hasattr(task, 'trial_metrics'):
         metrics.update(task.trial_metrics(step_model, dev, amp))
+    # last, after everything saved has been computed (None for classifiers: no time axis)
+    metrics['causality_max_change'] = causality_probe(model, task, dev)
 
     # predictions first, then the JSON that marks the trial done
     arrays = {'probs': probs, 'eval_indices': task.eval_indices,
@@ -411,7 +432,7 @@ def run_trial(model_name, activation, trial, config, study, opts=RunOptions()):
         'deterministic': opts.deterministic, 'dtype': str(amp_dtype or torch.float32).replace('torch.', ''),
         'data': task.data_info, 'eval_hash': task.eval_hash,
         'predictions_file': os.path.basename(npz_path), 'predictions_sha256': sha256_file(npz_path),
-        'metrics': metrics, 'history': history,
+        'streams': streams, 'metrics': metrics, 'history': history,
         'provenance': {**provenance(dev, opts.deterministic), 'started_at': started_at,
                        'finished_at': datetime.datetime.now().astimezone().isoformat()},
     }

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from scipy import stats
 
 import analyze_results
 import metrics
@@ -33,7 +34,7 @@ def make_probs(model, activation, trial, spread=0.5):
 
 
 def write_trial(study, model, act, k, probs=None, eval_hash=HASH, vary='all', seeds=None, task='lm',
-                train_loss=1.6, val_loss=1.7, config=None, eval_indices=None):
+                train_loss=1.6, val_loss=1.7, config=None, eval_indices=None, causality=0.0):
     folder = study / model / act
     folder.mkdir(parents=True, exist_ok=True)
     probs = make_probs(model, act, k) if probs is None else probs
@@ -43,10 +44,12 @@ def write_trial(study, model, act, k, probs=None, eval_hash=HASH, vary='all', se
              eval_indices=np.arange(len(probs)) if eval_indices is None else eval_indices,
              extra_array=np.zeros((len(probs), 2)))  # an array the analysis does not know: ignored
     s = 42 + k
+    seeds = seeds or {'trial_seed': s, 'init': s, 'data': s, 'dropout': s}
     rec = {
         'schema_version': 1, 'source': 'measured', 'task': task, 'study': study.name,
-        'model': model, 'activation': act, 'trial': k, 'vary': vary,
-        'seeds': seeds or {'trial_seed': s, 'init': s, 'data': s, 'dropout': s},
+        'model': model, 'activation': act, 'trial': k, 'vary': vary, 'seeds': seeds,
+        # stand-ins for the trainer's digests of the streams: one per seed
+        'streams': {n: hashlib.sha256(f'{n}:{seeds[n]}'.encode()).hexdigest()[:16] for n in ('init', 'data', 'dropout')},
         'config': config or {'n_layer': 1, 'n_embd': 16, 'max_iters': 6, 'n_eval': N_EVAL},
         'eval_hash': eval_hash, 'predictions_file': npz.name,
         'predictions_sha256': hashlib.sha256(npz.read_bytes()).hexdigest(),
@@ -60,6 +63,8 @@ def write_trial(study, model, act, k, probs=None, eval_hash=HASH, vary='all', se
                        'device': 'cpu', 'device_name': 'x86_64', 'deterministic': True, 'python_version': '3.12',
                        'hostname': 'h', 'started_at': 't0', 'finished_at': 't1'},
     }
+    if causality is not None:  # the trainer's causality probe (older trainers wrote none)
+        rec['metrics']['causality_max_change'] = causality
     (folder / f'trial_{k}.json').write_text(json.dumps(rec))
     return rec
 
@@ -101,18 +106,43 @@ def test_clean_study_outputs_and_round_trip(study, tmp_path):
     assert r['avg_relative_pd'] == pytest.approx(np.mean([metrics.relative_pd(p[i], p[j]) for i, j in ((0, 1), (0, 2), (1, 2))]))
     assert r['avg_val_loss'] == pytest.approx(1.7) and r['std_val_loss'] == pytest.approx(0, abs=1e-12)
     assert r['avg_training_time'] == 3.0
+    # the interval is the leave-one-trial-out jackknife t-interval, recomputed here by hand
     for m in metrics.PAIR_METRICS:
-        lo, hi = r['pairwise'][m]['ci']
-        assert min(r['pairwise'][m]['values']) <= lo <= hi <= max(r['pairwise'][m]['values'])
+        v = r['pairwise'][m]['values']  # pairs (0, 1), (0, 2), (1, 2): leaving out trial i keeps one pair
+        loo = np.array([v[2], v[1], v[0]])
+        se = np.sqrt(2 / 3 * ((loo - loo.mean()) ** 2).sum())
+        half = stats.t.ppf(0.975, 2) * se
+        assert r['pairwise'][m]['ci'] == pytest.approx([np.mean(v) - half, np.mean(v) + half], abs=1e-12)
+        assert r['pairwise'][m]['ci_method'].startswith('leave-one-trial-out jackknife t-interval, 2 df')
+    vl = r['trial_stats']['val_accuracy']
+    accs = [float((p[k].argmax(1) == np.arange(N_EVAL) % N_CLASSES).mean()) for k in range(3)]
+    half = stats.t.ppf(0.975, 2) * np.std(accs, ddof=1) / np.sqrt(3)
+    assert vl['ci'] == pytest.approx([np.mean(accs) - half, np.mean(accs) + half]) and 't-interval' in vl['ci_method']
     assert [t['trial_id'] for t in r['trials']] == [0, 1, 2] and r['trials'][0]['history']['iter'] == [0, 3, 6]
     cmp = [c for c in summary['comparisons'] if c['model'] == 'minigpt']
     assert {c['activation'] for c in cmp} == {'gelu', 'swish'}
-    assert all(c['exact'] and c['n_permutations'] == 20 and 0 < c['p_value'] <= 1 for c in cmp)
+    for c in cmp:
+        for test in ('dispersion', 'prediction_shift'):
+            res = c[test]
+            assert res['exact'] and res['n_permutations'] == 20 and 0 < res['p_value'] <= res['p_value_holm'] <= 1
+            assert res['min_p_value'] == pytest.approx(0.1) and res['method']
+        disp = c['dispersion']
+        assert disp['difference'] == pytest.approx(c['mean'] - c['mean_baseline']) == pytest.approx(c['difference'])
+        assert disp['ci'][0] < disp['difference'] < disp['ci'][1] and 'Welch' in disp['ci_method']
+        # 3 + 3 trials: an exact test cannot go below p = 0.1, so nothing is detectable, and it says so
+        assert disp['min_detectable_difference'] is None
+        assert disp['verdict'].startswith('no detectable difference at n = 3 + 3 trials') and '0.1' in disp['verdict']
+    # Holm runs over all comparisons of the study (both models), separately per test
+    for test in ('dispersion', 'prediction_shift'):
+        ps = [c[test]['p_value'] for c in summary['comparisons']]
+        assert len(ps) == 4 and [c[test]['p_value_holm'] for c in summary['comparisons']] == metrics.holm(ps)
     assert len(summary['provenance']['files']) == 36 and summary['provenance']['git_commits'] == ['abc123']
 
     report = (study / 'REPORT.md').read_text()
     assert report.index('## Warnings') < report.index('## minigpt') and '## charlm' in report
     assert 'p-value' in report and '**' in report
+    assert 'no reproducibility difference of any size can be detected' in report
+    assert 'needs at least 3 trials per group' in report and 'takes at least 5 trials per group' in report
 
     names = {'training_curves_minigpt.png', 'training_curves_charlm.png', 'relative_pd.png', 'top1_disagreement.png',
              'accuracy_vs_relative_pd.png', 'relative_pd_heatmap.png', 'activation_functions.png'}
@@ -177,6 +207,62 @@ def test_identical_predictions_with_vary_none_are_expected(study):
                     seeds={'trial_seed': 42 + k, 'init': 42, 'data': 42, 'dropout': 42})
     s = analyze_results.analyze(str(study), plots=False, verbose=False)
     assert not [w for w in s['warnings'] if 'seeds not applied' in w]
+
+
+def jitter(probs, seed, rel=1e-4):
+    """probs with every probability moved by relative noise `rel` (renormalised): what a GPU
+    without deterministic kernels does to a repeat of the same computation."""
+    p = probs.astype(np.float64) * (1 + rel * np.random.default_rng(seed).normal(size=probs.shape))
+    return (p / p.sum(1, keepdims=True)).astype(np.float32)
+
+
+def test_activation_equal_to_baseline_up_to_noise_is_flagged(study):
+    # minigpt/gelu: relu's predictions, trial by trial, up to relative noise 1e-4 (not bitwise equal)
+    for k in range(3):
+        write_trial(study, 'minigpt', 'gelu', k, probs=jitter(make_probs('minigpt', 'relu', k), 100 + k))
+    s = analyze_results.analyze(str(study), plots=False, verbose=False)
+    hits = [w for w in s['warnings'] if 'activation probably not applied' in w]
+    assert len(hits) == 1 and hits[0].startswith('minigpt: activations gelu and relu')
+    assert 'identical)' not in hits[0] and hits[0].count('% of the between-seed') == 3  # the ratio, per trial
+    ratio = float(hits[0].split('% of the between-seed')[0].rsplit(', ', 1)[1]) / 100
+    assert 0 < ratio < analyze_results.sanity.SANITY_RATIO / 10
+    # the really different activations (swish vs both, and everything in charlm) are not flagged
+    assert not [w for w in s['warnings'] if 'swish' in w or 'charlm' in w]
+
+
+def test_seeds_differing_only_by_noise_are_flagged(study):
+    same = make_probs('charlm', 'gelu', 0)
+    for k in range(3):
+        write_trial(study, 'charlm', 'gelu', k, probs=jitter(same, 200 + k))
+    s = analyze_results.analyze(str(study), plots=False, verbose=False)
+    hits = [w for w in s['warnings'] if 'seeds not applied' in w]
+    assert len(hits) == 3 and all(w.startswith('charlm/gelu: trials') and "% of charlm's between-seed" in w for w in hits)
+    assert len(s['warnings']) == 3  # nothing else flagged
+
+
+def test_seeds_ignored_in_every_group_of_a_model_are_flagged(study):
+    # every charlm group repeats one prediction per activation up to noise: no group has a
+    # between-seed scale of its own, but the activations still differ from each other
+    for act in ('relu', 'gelu', 'swish'):
+        same = make_probs('charlm', act, 0)
+        for k in range(3):
+            write_trial(study, 'charlm', act, k, probs=jitter(same, 300 + k))
+    s = analyze_results.analyze(str(study), plots=False, verbose=False)
+    hits = [w for w in s['warnings'] if 'seeds not applied' in w]
+    assert len(hits) == 1 and hits[0].startswith('charlm: trials with different seeds differ by relative PD')
+    assert not [w for w in s['warnings'] if 'minigpt' in w]
+
+
+def test_a_model_that_sees_the_future_is_flagged(study):
+    write_trial(study, 'minigpt', 'gelu', 1, causality=0.37)       # the probe moved earlier logits
+    write_trial(study, 'minigpt', 'gelu', 2, causality=2e-7)       # float noise: causal
+    write_trial(study, 'charlm', 'relu', 0, causality=None)        # an older trainer: no probe recorded
+    s = analyze_results.analyze(str(study), plots=False, verbose=False)
+    hits = [w for w in s['warnings'] if 'model sees the future' in w]
+    assert len(hits) == 1 and hits[0].startswith('minigpt/gelu/trial_1') and '0.37' in hits[0]
+    unchecked = [w for w in s['warnings'] if 'could not be checked' in w]
+    assert len(unchecked) == 1 and unchecked[0].startswith('1 language-model trial(s)') and 'charlm/relu/trial_0' in unchecked[0]
+    assert len(s['warnings']) == 2 and 'model sees the future' in (study / 'REPORT.md').read_text()
 
 
 def test_implausibly_low_val_loss(study):
@@ -262,7 +348,7 @@ def test_mismatched_eval_hash_is_an_error_not_a_number(study):
     assert s['warnings'][:len(errors)] == errors  # errors come first
     assert any(w.startswith('ERROR minigpt/swish:') for w in errors) and any('swish vs relu' in w for w in errors)
     cmp = next(c for c in s['comparisons'] if (c['model'], c['activation']) == ('minigpt', 'swish'))
-    assert cmp['error'] and cmp['difference'] is None and cmp['p_value'] is None
+    assert cmp['error'] and cmp['difference'] is None and cmp['dispersion'] is None and cmp['prediction_shift'] is None
     assert 'ERROR' in (study / 'REPORT.md').read_text()
     assert entry(s, 'minigpt', 'gelu')['avg_relative_pd'] > 0  # the rest is untouched
 
@@ -350,9 +436,10 @@ def test_analysis_modules_do_not_import_torch(tmp_path):
             "    def find_spec(self, name, path=None, target=None):\n"
             "        if name.split('.')[0] == 'torch': raise ImportError('torch imported')\n"
             "sys.meta_path.insert(0, NoTorch())\n"
-            "import numpy as np, metrics, analyze_results, plot_utils\n"
-            "d = np.ones((4, 4)) - np.eye(4)\n"
-            "metrics.describe([1.0, 2.0, 3.0]); metrics.bootstrap_pairwise_ci(d); metrics.permutation_test(d, [0, 1], [2, 3])\n"
+            "import numpy as np, metrics, analyze_results, plot_utils, report, sanity\n"
+            "d = np.ones((6, 6)) - np.eye(6)\n"
+            "metrics.describe([1.0, 2.0, 3.0]); metrics.pairwise_interval(d); metrics.exchangeability_test(d, [0, 1, 2], [3, 4, 5])\n"
+            "metrics.dispersion_test(d[:3, :3], d[3:, 3:]); metrics.holm([0.1, 0.2])\n"
             "plot_utils.save_figure(plot_utils.activation_functions(['relu', 'gelu']), sys.argv[1])\n"
             "assert not [m for m in sys.modules if m.split('.')[0] == 'torch']\n"
             "assert 'matplotlib.pyplot' not in sys.modules  # Agg canvas only: no global backend\n")

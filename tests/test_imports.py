@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 
-TORCH_FREE = ('analyze_results', 'metrics', 'plot_utils', 'routing_metrics', 'activation_names', 'fileio')
+TORCH_FREE = ('analyze_results', 'metrics', 'plot_utils', 'routing_metrics', 'activation_names', 'fileio', 'sanity', 'report')
 
 
 def project_modules():

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
 import metrics
 from metrics import (PAIR_METRICS, EvalMismatch, js_divergence, l2_distance, prediction_differences,
@@ -35,7 +36,8 @@ def test_disjoint_one_hot_predictions():
     assert top1_disagreement(p1, p2) == 1.0
     assert prediction_differences(p1, p2) == n
     assert js_divergence(p1, p2) == pytest.approx(1.0)      # bits: the maximum
-    assert relative_pd_elementwise(p1, p2) == pytest.approx(2 * 2 / c)  # 2 on the 2 classes used, 0 on the rest
+    f = metrics.ELEMENTWISE_FLOOR  # ~2 on the 2 classes used (the 0 counts as the floor), 0 on the rest
+    assert relative_pd_elementwise(p1, p2) == pytest.approx(2 * (2 * (1 - f) / (1 + f)) / c, rel=1e-12)
     assert l2_distance(p1, p2) == pytest.approx(math.sqrt(2))
 
 
@@ -44,7 +46,8 @@ def test_hand_computed_values():
     p2 = np.array([[1.0, 0.0], [0.2, 0.8]])
     # row 0: |d| = (0.5, 0.5); row 1: identical
     assert relative_pd(p1, p2) == pytest.approx((1.0 / 4) / (0.5 + 0.5))
-    assert relative_pd_elementwise(p1, p2) == pytest.approx((2 * 0.5 / 1.5 + 2 * 0.5 / 0.5) / 4)
+    f = metrics.ELEMENTWISE_FLOOR  # the 0 of p2 counts as the floor
+    assert relative_pd_elementwise(p1, p2) == pytest.approx((2 * 0.5 / 1.5 + 2 * (0.5 - f) / (0.5 + f)) / 4, rel=1e-12)
     js0 = 0.5 * (0.5 * math.log2(0.5 / 0.75) + 0.5 * math.log2(0.5 / 0.25)) + 0.5 * math.log2(1 / 0.75)
     assert js_divergence(p1, p2) == pytest.approx(js0 / 2)
     assert l2_distance(p1, p2) == pytest.approx(math.sqrt(0.5) / 2)
@@ -123,37 +126,122 @@ def test_mean_over_distinct_pairs_leaves_self_pairs_out():
     assert np.isnan(got[2])                   # one trial: no pair
 
 
-def test_bootstrap_intervals():
-    d = np.full((4, 4), 0.3)
-    np.fill_diagonal(d, 0)
-    assert metrics.bootstrap_pairwise_ci(d) == pytest.approx([0.3, 0.3])
-    pairs, values = metrics.pairwise(dirichlet((5, 30, 6), 5))
-    d2 = metrics.pair_matrix(5, pairs, values['relative_pd'])
-    lo, hi = metrics.bootstrap_pairwise_ci(d2)
-    assert values['relative_pd'].min() <= lo <= hi <= values['relative_pd'].max()
-    assert metrics.bootstrap_pairwise_ci(d2) == [lo, hi]           # fixed seed: reproducible
-    assert metrics.bootstrap_pairwise_ci(d2[:2, :2]) is None       # two trials: no interval
-    assert metrics.bootstrap_difference_ci(d2, [0, 1], [2, 3, 4]) is None
+def test_elementwise_pd_is_bounded_on_rows_differing_below_the_floor():
+    # two softmax rows that differ only in logits near -100 (probabilities ~1e-44 and ~1e-40):
+    # without a floor every such class counts ~2, so the mean over classes is large (~0.67 here)
+    z1 = np.array([[5.0, 3.0, 1.0, -100.0, -100.0, -100.0]] * 4)
+    z2 = z1.copy()
+    z2[:, 3:] = [-90.0, -110.0, -95.0]
+    p1, p2 = (np.exp(z) / np.exp(z).sum(1, keepdims=True) for z in (z1, z2))
+    assert np.abs(p1 - p2).max() < 1e-38 and relative_pd_elementwise(p1, p2, floor=0) > 0.6
+    assert relative_pd_elementwise(p1, p2) == 0
+    # and the floor leaves disagreement on plausible classes counted in full
+    p3 = p1[:, [1, 0, 2, 3, 4, 5]]
+    assert relative_pd_elementwise(p1, p3) > 0.3
 
 
-def test_permutation_test_known_p_value():
+def loo_means(d):
+    """The mean over pairs with trial i left out, for every i, the long way."""
+    t = len(d)
+    return np.array([np.delete(np.delete(d, i, 0), i, 1)[np.triu_indices(t - 1, 1)].mean() for i in range(t)])
+
+
+def test_jackknife_pseudo_values_and_interval():
+    pairs, values = metrics.pairwise(dirichlet((6, 30, 6), 5))
+    d = metrics.pair_matrix(6, pairs, values['relative_pd'])
+    u, loo = values['relative_pd'].mean(), loo_means(d)
+    psi = metrics.pseudo_values(d)
+    np.testing.assert_allclose(psi, 6 * u - 5 * loo, rtol=1e-12)
+    assert psi.mean() == pytest.approx(u, rel=1e-12)
+    se = np.sqrt(5 / 6 * ((loo - loo.mean()) ** 2).sum())          # the textbook jackknife
+    r = metrics.pairwise_interval(d)
+    assert r['mean'] == pytest.approx(u, rel=1e-12) and r['ci_note'] is None and '5 df' in r['ci_method']
+    assert r['ci'] == pytest.approx([u - stats.t.ppf(0.975, 5) * se, u + stats.t.ppf(0.975, 5) * se], rel=1e-10)
+    # additive spreads: each pseudo-value is exactly the trial's own part, 2 s_i
+    s = np.array([0.1, 0.3, 0.2, 0.5])
+    d2 = s[:, None] + s[None]
+    np.fill_diagonal(d2, 0)
+    np.testing.assert_allclose(metrics.pseudo_values(d2), 2 * s, rtol=1e-12)
+    # equal pair values: a zero-width interval; two trials: none, with the reason
+    d3 = np.full((4, 4), 0.3)
+    np.fill_diagonal(d3, 0)
+    assert metrics.pairwise_interval(d3)['ci'] == pytest.approx([0.3, 0.3])
+    r2 = metrics.pairwise_interval(d[:2, :2])
+    assert r2['ci'] is None and r2['mean'] == d[0, 1] and 'no interval possible' in r2['ci_note']
+    with pytest.raises(ValueError, match='at least 3'):
+        metrics.pseudo_values(d[:2, :2])
+
+
+def test_exchangeability_test_known_p_values():
     # trials 0-2 disagree a lot (1.0), trials 3-5 not at all (0.0), across groups 0.5:
     # of the 20 splits only the observed one reaches a difference of +1 (its mirror gives -1)
     d = np.full((6, 6), 0.5)
     d[:3, :3], d[3:, 3:] = 1.0, 0.0
     np.fill_diagonal(d, 0)
-    res = metrics.permutation_test(d, [0, 1, 2], [3, 4, 5])
-    assert res['exact'] and res['n_permutations'] == 20
+    res = metrics.exchangeability_test(d, [0, 1, 2], [3, 4, 5], contrast='spread')
+    assert res['exact'] and res['n_permutations'] == 20 and res['min_p_value'] == pytest.approx(0.1)
     assert res['p_value'] == pytest.approx(2 / 20)
-    assert metrics.bootstrap_difference_ci(d, [0, 1, 2], [3, 4, 5]) == pytest.approx([1.0, 1.0])
-    assert metrics.permutation_test(d, [0], [3, 4, 5]) is None     # one trial: no within-group pair
+    # two tight groups far apart: only the observed split and its mirror put them apart
+    d2 = np.full((6, 6), 0.9)
+    d2[:3, :3], d2[3:, 3:] = 0.1, 0.1
+    np.fill_diagonal(d2, 0)
+    shift = metrics.exchangeability_test(d2, [0, 1, 2], [3, 4, 5])
+    assert shift['p_value'] == pytest.approx(2 / 20) and shift['min_p_value'] == pytest.approx(0.1)
+    assert metrics.exchangeability_test(d2, [0], [3, 4, 5]) is None     # one trial: no within-group pair
+    with pytest.raises(ValueError, match='contrast'):
+        metrics.exchangeability_test(d2, [0, 1, 2], [3, 4, 5], contrast='both')
+
+
+def test_dispersion_test_on_known_spreads():
+    def additive(s):
+        d = np.add.outer(s, s)
+        np.fill_diagonal(d, 0)
+        return d
+    sa, sb = np.array([0.30, 0.31, 0.32, 0.33]), np.array([0.10, 0.11, 0.12, 0.13])
+    res = metrics.dispersion_test(additive(sa), additive(sb))
+    # the difference of the mean pairwise distances: 2 (mean sa - mean sb)
+    assert res['difference'] == pytest.approx(2 * (sa.mean() - sb.mean()))
+    assert res['exact'] and res['n_permutations'] == 70 and res['p_value'] == pytest.approx(2 / 70)
+    assert res['min_p_value'] == pytest.approx(2 / 70) and res['ci'][0] > 0
+    se = np.sqrt(2 * (2 * sa).var(ddof=1) / 4)
+    df = metrics._welch_df(se ** 2 / 2, 3, se ** 2 / 2, 3)
+    assert df == pytest.approx(6)
+    assert res['ci'] == pytest.approx([res['difference'] - stats.t.ppf(0.975, 6) * se,
+                                       res['difference'] + stats.t.ppf(0.975, 6) * se])
+    assert res['min_detectable_difference'] == pytest.approx((stats.t.ppf(0.975, 6) + stats.t.ppf(0.8, 6)) * se)
+    # swapped groups: the mirror image
+    back = metrics.dispersion_test(additive(sb), additive(sa))
+    assert back['difference'] == pytest.approx(-res['difference']) and back['p_value'] == res['p_value']
+    # 3 + 3 trials: an exact test cannot go below 0.1, so there is no detectable difference at all
+    small = metrics.dispersion_test(additive(sa[:3]), additive(sb[:3]))
+    assert small['min_p_value'] == pytest.approx(0.1) and small['min_detectable_difference'] is None
+    with pytest.raises(ValueError, match='3 trials'):
+        metrics.dispersion_test(additive(sa[:2]), additive(sb))
+
+
+def test_smallest_p_and_trials_needed():
+    assert metrics.smallest_p(3, 3) == pytest.approx(2 / 20)
+    assert metrics.smallest_p(3, 3, sides=1) == pytest.approx(2 / 20)   # symmetric statistic: the mirror ties
+    assert metrics.smallest_p(3, 4, sides=1) == pytest.approx(1 / 35)
+    assert metrics.smallest_p(10, 10) == pytest.approx(2 / (metrics.N_PERMUTATIONS + 1))
+    assert metrics.trials_to_detect(1) == 4        # 2 / C(8, 4) = 0.029 <= 0.05
+    assert metrics.trials_to_detect(24) == 7       # 2 / C(14, 7) = 5.8e-4 <= 0.05 / 24; 2 / C(12, 6) is not
+
+
+def test_holm():
+    assert metrics.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert metrics.holm([0.5, None, 0.01]) == [pytest.approx(0.5), None, pytest.approx(0.02)]
+    assert metrics.holm([0.6, 0.9]) == pytest.approx([1.0, 1.0])    # capped at 1, order kept
+    assert metrics.holm([]) == []
 
 
 def test_describe():
     s = metrics.describe([1.0, 2.0, 4.0])
     assert s['n'] == 3 and s['mean'] == pytest.approx(7 / 3)
     assert s['std'] == pytest.approx(np.std([1, 2, 4], ddof=1))
-    assert 1.0 <= s['ci'][0] <= s['ci'][1] <= 4.0 and s['ci_note'] is None
+    half = stats.t.ppf(0.975, 2) * s['std'] / np.sqrt(3)
+    assert s['ci'] == pytest.approx([7 / 3 - half, 7 / 3 + half]) and s['ci_note'] is None
+    assert s['ci_method'] == 't-interval over trials, 2 df'
     s2 = metrics.describe([1.0, 2.0])
-    assert s2['ci'] is None and 'no interval possible' in s2['ci_note']
+    assert s2['ci'] is None and s2['ci_method'] is None and 'no interval possible' in s2['ci_note']
     assert metrics.describe([1.0])['std'] is None
