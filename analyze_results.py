@@ -409,6 +409,9 @@ def build_summary(study_dir, baseline=None):
         'failures': failures,
         'bad_files': bad,
         'provenance': {'n_trials': len(trials), 'files': files,
+                       # trials that continued from a mid-trial checkpoint after a kill, and where
+                       'resumed': [{'trial': t['name'], 'resumed_from': t['record']['resumed_from']}
+                                   for t in trials if t['record'].get('resumed_from')],
                        **{k + 's': sorted(v, key=json.dumps) for k, v in seen.items()}},
     }
 
@@ -530,6 +533,13 @@ def render_report(s):
             f"{', '.join(map(str, p.get('git_commits', [])))}; git dirty: {', '.join(map(str, p.get('git_dirtys', [])))}; torch: "
             f"{', '.join(map(str, p.get('torch_versions', [])))}; devices: {', '.join(map(str, p.get('device_names', [])))}.",
             "SHA-256 of every input file: summary.json, provenance.files.", ""]
+    resumed = p.get('resumed') or []
+    if resumed:
+        out.insert(-1, f"Resumed from a mid-trial checkpoint after an interruption ({len(resumed)} trial(s)): "
+                   + '; '.join(f"{r['trial']} at iteration {', '.join(map(str, r['resumed_from']))}" for r in resumed)
+                   + ".")
+    else:
+        out.insert(-1, "No trial was resumed from a mid-trial checkpoint.")
     return "\n".join(out)
 
 

@@ -1,10 +1,12 @@
 """
-Atomic file writes, shared by the trainer, the data download and the analysis (standard
+Atomic file writes, shared by the trainer, the data download and the analysis, and
+set_aside, which moves damaged files out of the way without deleting them (standard
 library only: the analysis and plotting side must not import torch).
 """
 import json
 import os
 import tempfile
+import time
 
 
 def atomic_write(path, write, check=None):
@@ -34,3 +36,26 @@ def atomic_write(path, write, check=None):
 
 def write_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def set_aside(paths, root):
+    """Move the existing files of `paths` (each under folder `root`) to
+    root/damaged/<local time>/<path relative to root>, never overwriting anything there
+    (a taken name gets .1, .2, ...; a hidden name loses its leading dot so that it shows).
+    Returns the new paths. Used for damaged trial results and refused checkpoints: they are
+    kept for inspection, never deleted."""
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    moved = []
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        folder, name = os.path.split(os.path.relpath(path, root))
+        dest = base = os.path.join(root, 'damaged', stamp, folder, name.lstrip('.'))
+        n = 0
+        while os.path.exists(dest):
+            n += 1
+            dest = f"{base}.{n}"
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.replace(path, dest)
+        moved.append(dest)
+    return moved

@@ -8,13 +8,17 @@ Run a whole study from one command: every model x activation x trial through the
     python run_all_experiments.py --config cpu --workers 2 --models minigpt charlm --activations relu gelu
     python run_all_experiments.py --study seed_full --executor ray --ray-address auto --ray-num-gpus 0.25
 
-Resume. A trial is done exactly when its result JSON exists and records the same identity
-(task, model, activation, trial, vary, seeds, config: train.existing_trial); done trials are
-skipped, --force reruns them. train.py writes a trial's .npz and then its JSON, each to a
-hidden temp file renamed into place, so a sweep killed at any moment (Ctrl-C, SIGKILL, power)
-leaves finished trials and nothing half-written; the next run finishes the grid. One sweep
-at a time per study: <study>/.sweep.lock is held while it runs, and on start the sweep
-removes temp files (.trial_*.tmp) that a killed run left behind.
+Resume. A trial is done exactly when its result JSON exists, records the same identity
+(task, model, activation, trial, vary, seeds, config: train.existing_trial) and its .npz
+matches the hash the JSON records; done trials are skipped, --force reruns them. A damaged
+trial (unreadable JSON, .npz missing or changed) is reported, its files are moved to
+<study>/damaged/<time>/ and it is trained again. train.py writes a trial's .npz and then its
+JSON, each to a hidden temp file renamed into place, and a checkpoint (.trial_<k>.ckpt)
+every --checkpoint-every iterations, so a sweep killed at any moment (Ctrl-C, SIGKILL, power)
+leaves finished trials, checkpoints of running ones and nothing half-written; the next run
+finishes the grid, each interrupted trial continuing from its checkpoint. One sweep at a time
+per study: <study>/.sweep.lock is held while it runs, and on start the sweep removes temp
+files (.trial_*.tmp) that a killed run left behind.
 
 Failures. A trial that raises (non-finite loss, out of memory, a bug), or whose worker
 process dies, is appended to <study>/failures.jsonl (model, activation, trial, error,
@@ -57,6 +61,7 @@ from dataclasses import fields, replace
 
 import torch
 
+import checkpoint
 import train
 from activations import ACTIVATION_NAMES, check_activation
 from config import Config, Parser
@@ -105,10 +110,11 @@ def _run_job(job, common, slot):
                             device=slot['device'], dtype=common['dtype'], deterministic=common['deterministic'],
                             compile=common['compile'], data_dir=common['data_dir'],
                             save_checkpoints=common['save_checkpoints'], progress=False,
-                            force=common['force'], threads=slot['threads'])
+                            force=common['force'], threads=slot['threads'],
+                            checkpoint_every=common['checkpoint_every'])
         m = r['metrics']
         return {'ok': True, 'val_loss': m['val_loss'], 'val_accuracy': m['val_accuracy'],
-                'seconds': m['total_time']}
+                'seconds': m['total_time'], 'resumed_from': r.get('resumed_from') or []}
     except Exception as e:  # noqa: BLE001 -- a trial's failure of any kind is recorded, not fatal
         tb = traceback.format_exc()
         if slot['device'].startswith('cuda'):
@@ -324,8 +330,9 @@ def append_failure(path, record):
 
 
 def stray_temp_files(study_dir):
-    """Temp files of fileio.atomic_write (.trial_<k>.<ext>XXXX.tmp) left by a killed run."""
-    return sorted(glob.glob(os.path.join(study_dir, '*', '*', '.trial_*.tmp')))
+    """Temp files of fileio.atomic_write (.trial_<k>.<ext>XXXX.tmp, ..trial_<k>.ckptXXXX.tmp)
+    left by a killed run."""
+    return sorted(glob.glob(os.path.join(study_dir, '*', '*', '.*trial_*.tmp')))
 
 
 class StudyLock:
@@ -447,8 +454,10 @@ EPILOG = f"""study designs (--study NAME):
   --trials, any config override such as --max_iters) override the design's values; the sweep
   prints the overrides, and every trial JSON records its full config.
 
-resume: a trial is skipped when its JSON exists with the same config and seeds (--force
-  reruns it); a result with a different config stops the sweep before any training.
+resume: a trial is skipped when its JSON exists with the same config and seeds and its .npz
+  is whole (--force reruns it); a damaged one is moved to <study>/damaged/ and trained again;
+  a result with a different config stops the sweep before any training. A trial killed
+  mid-way continues from its checkpoint (--checkpoint-every; --force starts it over).
 failures go to <study>/failures.jsonl; the sweep goes on and exits 1 naming them.
 Ray is optional: {RAY_INSTALL}"""
 
@@ -543,6 +552,8 @@ def make_plan(args):
     for flag in ('workers', 'threads', 'trials_per_gpu'):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.checkpoint_every is not None and args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {args.checkpoint_every}")
     activations = _pick_names(args.activations, base['activations'],
                               [a for a in ACTIVATION_NAMES if a != 'silu'],  # silu: an alias of swish
                               check_activation, 'activations')
@@ -617,7 +628,7 @@ def make_plan(args):
 
     results_dir = os.path.abspath(args.results_dir)
     study_dir = os.path.join(results_dir, study)
-    to_run, done, conflicts = [], [], []
+    to_run, done, conflicts, damaged = [], [], [], []
     for m in models:
         for a in activations:
             for k in range(trials):
@@ -628,7 +639,9 @@ def make_plan(args):
                     done.append(job)
                 else:
                     to_run.append(job)
-                    if state not in ('absent', 'done') and not args.force:
+                    if state.startswith('damaged'):
+                        damaged.append((job, path, state))
+                    elif state not in ('absent', 'done') and not args.force:
                         conflicts.append((path, state))
     if conflicts:
         path, state = conflicts[0]
@@ -642,10 +655,12 @@ def make_plan(args):
             note = f"note: {args.study!r} is not a study design (did you mean {close[0]}?); running it as a plain study"
     common = {'config': config, 'results_dir': results_dir, 'study': study, 'vary': args.vary,
               'dtype': args.dtype, 'deterministic': args.deterministic, 'compile': args.compile,
-              'data_dir': data_dir, 'save_checkpoints': args.save_checkpoints, 'force': args.force}
+              'data_dir': data_dir, 'save_checkpoints': args.save_checkpoints, 'force': args.force,
+              'checkpoint_every': args.checkpoint_every}
     return {'design': args.study if design else None, 'overrides': overrides, 'note': note, 'study': study,
             'study_dir': study_dir, 'results_dir': results_dir, 'config': full, 'preset': args.config,
             'models': models, 'activations': activations, 'trials': trials, 'to_run': to_run, 'done': done,
+            'damaged': damaged,
             'common': common, 'slots': slots, 'workers': workers, 'threads': threads, 'execution': execution,
             'executor': args.executor, 'vary': args.vary}
 
@@ -661,7 +676,9 @@ def describe(plan):
         what += f" (overrides: {', '.join(plan['overrides'])})"
     lines = [what,
              f"  {len(plan['models'])} model(s) x {len(plan['activations'])} activation(s) x {plan['trials']} "
-             f"trial(s) = {n}: {len(plan['done'])} done, {len(plan['to_run'])} to run; vary {plan['vary']}"
+             f"trial(s) = {n}: {len(plan['done'])} done, {len(plan['to_run'])} to run"
+             + (f" ({len(plan['damaged'])} damaged, to train again)" if plan['damaged'] else '')
+             + f"; vary {plan['vary']}"
              + ('; deterministic' if plan['common']['deterministic'] else ''),
              f"  models: {' '.join(plan['models'])}; activations: {' '.join(plan['activations'])}",
              f"  {plan['execution']}; results in {plan['study_dir']}"]
@@ -680,6 +697,9 @@ def dry_run(plan):
         print(f"  done    {_name(job):{width}s}  " +
               _show_path(train.trial_path(plan['results_dir'], plan['study'], job['model'],
                                                job['activation'], job['trial'])))
+    for job, path, state in plan['damaged']:
+        print(f"  damaged {_name(job):{width}s}  {_show_path(path)} is {state}; its files would be moved to "
+              f"{_show_path(os.path.join(plan['study_dir'], 'damaged'))}/<time>/ and the trial trained again")
     known = [s for s in per if s is not None]
     if not plan['to_run']:
         print("nothing to run: every trial is done (--force reruns them)")
@@ -715,8 +735,11 @@ def run_sweep(plan, executor_factory):
             count = f"[{len(done) + len(finished) + len(failed) + 1}/{total}]"
             if out['ok']:
                 finished.append(job)
+                resumed = out.get('resumed_from')
                 bar.write(f"{count} {_name(job)}: val loss {out['val_loss']:.4f}  accuracy "
-                          f"{out['val_accuracy']:.4f}  {out['seconds']:.1f} s", file=sys.stdout)
+                          f"{out['val_accuracy']:.4f}  {out['seconds']:.1f} s"
+                          + (f"  (resumed from iteration {', '.join(map(str, resumed))})" if resumed else ''),
+                          file=sys.stdout)
             else:
                 failed.append(job)
                 append_failure(failures_path, {
@@ -800,6 +823,11 @@ def _main(argv):
             os.remove(path)
         if strays:
             print(f"removed {len(strays)} temp file(s) left by an interrupted run")
+        for job, path, state in plan['damaged']:  # kept aside, never deleted; trained again below
+            print(train.set_aside_damaged(path, plan['study_dir'], state), flush=True)
+        for job in plan['done']:  # a kill between a trial's JSON and its checkpoint's removal
+            checkpoint.discard(checkpoint.checkpoint_path(
+                train.trial_path(plan['results_dir'], plan['study'], job['model'], job['activation'], job['trial'])))
         t0 = time.time()
         finished, failed, interrupted = run_sweep(plan, make_executor(plan, args))
         wall = time.time() - t0
@@ -810,7 +838,8 @@ def _main(argv):
         left = len(plan['to_run']) - len(finished) - len(failed)
         print(f"interrupted: {len(finished)} trial(s) finished in this run"
               + (f" ({', '.join(map(_name, finished))})" if finished else '')
-              + f", {len(failed)} failed, {left} not finished (running ones were stopped and left no result); "
+              + f", {len(failed)} failed, {left} not finished (running ones were stopped and left no result, "
+              f"only their last checkpoint if any); "
               f"{len(plan['done']) + len(finished)} of {len(plan['done']) + len(plan['to_run'])} done in "
               f"{plan['study_dir']}. Run the same command again to resume.", file=sys.stderr)
         return 130

@@ -7,7 +7,14 @@ Trial k uses seed seed_base + k. Weight init, batch order and dropout draw from 
 separate streams derived from it; --vary picks which of them change across trials.
 Each trial writes <results-dir>/<study>/<model>/<activation>/trial_<k>.npz (softmax on the
 fixed evaluation set) and then trial_<k>.json (metrics, history, provenance), both
-atomically: a trial is done exactly when its JSON exists.
+atomically: a trial is done exactly when its JSON exists, records this trial's identity,
+and its .npz matches the hash the JSON records. A damaged trial (JSON unreadable, .npz
+missing or changed) is moved to <study>/damaged/<time>/ and trained again.
+
+Every --checkpoint-every iterations (default: every evaluation point) the trial saves a
+checkpoint beside its result (.trial_<k>.ckpt, checkpoint.py); a trial started again after
+a kill continues from it, bitwise as if never interrupted, and records where it resumed
+("resumed_from": [iterations]).
 
 The trainer only talks to the data through a Task (prepare_data.py) and to the model
 through forward(x, targets) -> (logits, loss). A model may also set `self.aux_loss`
@@ -34,8 +41,9 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+import checkpoint
 from config import Config, Parser, add_config_args, config_from_args
-from fileio import atomic_write, write_json
+from fileio import atomic_write, set_aside, write_json
 from model_factories import build_model, check_activation, check_model, count_parameters, model_kind
 from prepare_data import DataError, make_task, sha256_file
 
@@ -75,14 +83,18 @@ def trial_identity(task, model_name, activation, trial, vary, config):
 
 def existing_trial(path, identity):
     """'absent' if no result JSON; 'done' if it holds this trial (same identity: config,
-    seeds, vary, task, model); otherwise a string saying how it differs."""
+    seeds, vary, task, model) and its .npz matches the predictions_sha256 it records;
+    'damaged (why)' if the JSON does not parse or the .npz is missing or does not match;
+    otherwise 'different (how)': a result of another config, never overwritten unasked."""
     if not os.path.exists(path):
         return 'absent'
     try:
         with open(path) as f:
             old = json.load(f)
+        if not isinstance(old, dict):
+            raise ValueError('not a JSON object')
     except (OSError, ValueError) as e:
-        return f"unreadable ({e})"
+        return f"damaged (unreadable JSON: {e})"
     diffs = []
     for key, value in identity.items():
         if key == 'config':
@@ -92,7 +104,23 @@ def existing_trial(path, identity):
                       and (k in old_cfg or v != getattr(Config, k, None))]
         elif old.get(key) != value:
             diffs.append(f"{key}: {old.get(key)!r} -> {value!r}")
-    return 'done' if not diffs else 'different (' + '; '.join(diffs) + ')'
+    if diffs:
+        return 'different (' + '; '.join(diffs) + ')'
+    npz = path[:-len('json')] + 'npz'
+    if not os.path.exists(npz):
+        return f"damaged ({os.path.basename(npz)} is missing)"
+    if sha256_file(npz) != old.get('predictions_sha256'):
+        return f"damaged ({os.path.basename(npz)} does not match the predictions_sha256 in its JSON: truncated or changed)"
+    return 'done'
+
+
+def set_aside_damaged(json_path, study_dir, state):
+    """Move a damaged trial's files to <study>/damaged/<time>/ (kept, not deleted); returns
+    the one line that says so."""
+    moved = set_aside([json_path, json_path[:-len('json')] + 'npz'], study_dir)
+    where = os.path.dirname(os.path.dirname(os.path.dirname(moved[0])))
+    return (f"{os.path.relpath(json_path, study_dir)} is {state}: its files moved to {where}; "
+            f"training it again")
 
 
 def _git(*args):
@@ -259,20 +287,28 @@ def predict(model, task, device, amp, batch_size=256):
 
 def run_trial(model_name, activation, trial, config, results_dir='results', study=None,
               vary='all', device='auto', dtype='auto', deterministic=False, compile=False,
-              data_dir=None, save_checkpoints=False, progress=True, force=False, threads=None):
+              data_dir=None, save_checkpoints=False, progress=True, force=False, threads=None,
+              checkpoint_every=None):
     """Train one trial and save its .npz and .json. Returns the result record.
     If the trial is already done (same identity) and not `force`, returns the saved record.
-    A result with a different identity is never overwritten without `force`."""
+    A result with a different identity is never overwritten without `force`; a damaged one
+    is set aside and the trial trained again. checkpoint_every: iterations between mid-trial
+    checkpoints (None: every evaluation point; 0: none); a usable checkpoint of this trial
+    is resumed from unless `force`."""
     t_start = time.time()
     started_at = datetime.datetime.now().astimezone().isoformat()
     check_model(model_name)
     check_activation(activation)
     seeds = trial_seeds(config.seed_base, trial, vary)
     study = study or 'default'
+    study_dir = os.path.join(results_dir, study)
     json_path = trial_path(results_dir, study, model_name, activation, trial)
     npz_path = json_path[:-len('json')] + 'npz'
     dev = resolve_device(device)
     amp_dtype = autocast_dtype(dtype, dev)
+    ckpt_every = config.eval_interval if checkpoint_every is None else checkpoint_every
+    if ckpt_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0 (0: no checkpoints), got {ckpt_every}")
     if threads:
         torch.set_num_threads(threads)
 
@@ -283,16 +319,21 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
     config = replace(config, **task.config_updates())
     identity = trial_identity(task, model_name, activation, trial, vary, config)
     state = existing_trial(json_path, identity)
+    ckpt_path = checkpoint.checkpoint_path(json_path)
     if state == 'done' and not force:
+        checkpoint.discard(ckpt_path)  # left by a kill between the JSON and its removal
         with open(json_path) as f:
             return json.load(f)
-    if state != 'absent' and not force:
+    if state.startswith('damaged'):
+        _note(set_aside_damaged(json_path, study_dir, state))
+    elif state != 'absent' and not force:
         raise FileExistsError(f"{json_path} exists and is {state}; use another --study or "
                               f"--results-dir, or --force to overwrite it")
 
     set_determinism(deterministic, dev)
     torch.manual_seed(seeds['dropout'])  # the global RNG drives dropout (and router noise)
-    train_stream = task.train_batches(config.batch_size, torch.Generator().manual_seed(seeds['data']))
+    data_gen = torch.Generator().manual_seed(seeds['data'])
+    data_state = data_gen.get_state()
     model = build_model(model_name, activation, config, seed=seeds['init']).to(dev)
     n_params = count_parameters(model)
     optimizer = make_optimizer(model, config, dev)
@@ -304,13 +345,32 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
     history = {'iter': [], 'train_loss': [], 'val_loss': [], 'lr': [], 'grad_norm': []}
     best_val, best_state, evals_since_best, stopped_early_at = math.inf, None, 0, None
     eval_time, last_loss, grad_norm = 0.0, float('nan'), None
+    it, position, train_elapsed, resumed_from, checkpoint_time = 0, 0, 0.0, [], 0.0
+    # a checkpoint is resumed only by the same trial run the same way (bitwise continuation)
+    ckpt_identity = {**identity, 'run': {'device': dev.type, 'dtype': str(amp_dtype), 'compile': compile,
+                                         'deterministic': deterministic, 'threads': torch.get_num_threads()}}
+    resume, note = (None, None) if force else checkpoint.find(ckpt_path, ckpt_identity, study_dir)
+    if force:
+        checkpoint.discard(ckpt_path)
+    if note:
+        _note(f"{model_name}/{activation} trial {trial}: {note}")
+    if resume:
+        loop = checkpoint.restore(resume, model, optimizer, data_gen, dev)
+        (it, position, history, best_val, best_state, evals_since_best, eval_time, train_elapsed,
+         checkpoint_time, started_at) = (loop[k] for k in (
+            'iter', 'position', 'history', 'best_val', 'best_state', 'evals_since_best', 'eval_time',
+            'training_time', 'checkpoint_time', 'started_at'))
+        resumed_from = loop['resumed_from'] + [it]
+        t_start -= loop['total_time']
+    resumed_at = it  # the evaluation and checkpoint of this iteration are in the checkpoint
+    train_stream = task.train_batches(config.batch_size, data_gen, start=position)
     # on CUDA, reading the loss forces a sync: read it every 10 steps there, every step on CPU
     check_every = 10 if dev.type == 'cuda' else 1
     bar = _progress(config.max_iters, f"{model_name}/{activation} trial {trial}", progress)
-    t_train = time.time()
-    it = 0
+    bar.update(it)
+    t_train = time.time() - train_elapsed
     while True:
-        if it % config.eval_interval == 0 or it == config.max_iters:
+        if (it % config.eval_interval == 0 or it == config.max_iters) and not (resume and it == resumed_at):
             t0 = time.time()
             losses = estimate_loss(step_model, task, config, dev, amp)
             eval_time += time.time() - t0
@@ -332,6 +392,16 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
                         break
         if it == config.max_iters:
             break
+        if ckpt_every and it % ckpt_every == 0 and it != resumed_at:
+            t0 = time.time()
+            loop = {'history': history, 'best_val': best_val, 'best_state': best_state,
+                    'evals_since_best': evals_since_best, 'eval_time': eval_time,
+                    'training_time': t0 - t_train, 'checkpoint_time': checkpoint_time,
+                    'total_time': t0 - t_start, 'started_at': started_at, 'resumed_from': resumed_from}
+            checkpoint.save(ckpt_path, checkpoint.make(ckpt_identity, it, model, optimizer, loop, dev, data_state,
+                                                       it * config.grad_accum_steps))
+            checkpoint_time += time.time() - t0
+        checkpoint.before_step()  # a test hook: no-op unless REPRO_TEST_KILL_AT is set
         lr = lr_at(it, config)
         for group in optimizer.param_groups:
             group['lr'] = lr
@@ -361,7 +431,7 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
         'train_loss': final['train'], 'val_loss': final['val'],
         'val_accuracy': val_acc, 'token_accuracy': token_acc,
         'perplexity': math.exp(final['val']) if task.kind == 'lm' else None,  # exp(val loss in nats)
-        'training_time': training_time, 'eval_time': eval_time,
+        'training_time': training_time, 'eval_time': eval_time, 'checkpoint_time': checkpoint_time,
         'tokens_per_sec': iters_done * config.grad_accum_steps * task.tokens_per_batch(config.batch_size)
                           / max(1e-9, training_time - eval_time),
         'n_params': n_params, 'iters': iters_done, 'stopped_early_at': stopped_early_at,
@@ -387,12 +457,18 @@ def run_trial(model_name, activation, trial, config, results_dir='results', stud
         'deterministic': deterministic, 'dtype': str(amp_dtype or torch.float32).replace('torch.', ''),
         'data': task.data_info, 'eval_hash': task.eval_hash,
         'predictions_file': os.path.basename(npz_path), 'predictions_sha256': sha256_file(npz_path),
-        'metrics': metrics, 'history': history,
+        'metrics': metrics, 'history': history, 'resumed_from': resumed_from,
         'provenance': {**provenance(dev, deterministic), 'started_at': started_at,
                        'finished_at': datetime.datetime.now().astimezone().isoformat()},
     }
     write_json(json_path, record)
+    checkpoint.discard(ckpt_path)  # the trial is done: its JSON holds everything
     return record
+
+
+def _note(line):
+    """A one-line report (damaged result set aside, checkpoint refused) while training goes on."""
+    print(line, file=sys.stderr, flush=True)
 
 
 class _NoBar:
@@ -425,7 +501,11 @@ def add_run_args(parser):
     parser.add_argument('--data', default=None, help='a UTF-8 text file to train on (sets --dataset)')
     parser.add_argument('--data-dir', default=None, help='where corpora live (default: $REPRO_DATA_DIR or ./data)')
     parser.add_argument('--save-checkpoints', action='store_true', help='also save trial_<k>.pt')
-    parser.add_argument('--force', action='store_true', help='rerun trials whose results exist')
+    parser.add_argument('--force', action='store_true',
+                        help='rerun trials whose results exist, and start over those with a checkpoint')
+    parser.add_argument('--checkpoint-every', type=int, default=None, metavar='N',
+                        help='iterations between mid-trial checkpoints, which a killed trial resumes from '
+                             '(default: every evaluation point; 0: none)')
     add_config_args(parser)
 
 
@@ -451,6 +531,8 @@ def main(argv=None):
         check_activation(args.activation)
         if args.trials < 1 or args.first_trial < 0:
             raise ValueError("--trials must be >= 1 and --first-trial >= 0")
+        if args.checkpoint_every is not None and args.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {args.checkpoint_every}")
         resolve_device(args.device)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
@@ -460,7 +542,8 @@ def main(argv=None):
         try:
             r = run_trial(args.model, args.activation, k, config, args.results_dir, study, args.vary,
                           args.device, args.dtype, args.deterministic, args.compile, args.data_dir,
-                          args.save_checkpoints, progress=True, force=args.force, threads=args.threads)
+                          args.save_checkpoints, progress=True, force=args.force, threads=args.threads,
+                          checkpoint_every=args.checkpoint_every)
         except (DataError, ValueError, FileExistsError, TrainingError) as e:
             parser.exit(1, f"error: trial {k}: {e}\n")
         except Exception:
@@ -470,7 +553,8 @@ def main(argv=None):
         rows.append(m)
         print(f"{args.model}/{args.activation} trial {k}: val loss {m['val_loss']:.4f}  "
               f"val acc {m['val_accuracy']:.4f}  train loss {m['train_loss']:.4f}  "
-              f"{m['total_time']:.1f}s all-in ({m['tokens_per_sec']:,.0f} tok/s)")
+              f"{m['total_time']:.1f}s all-in ({m['tokens_per_sec']:,.0f} tok/s)"
+              + (f"  resumed from iteration {', '.join(map(str, r['resumed_from']))}" if r.get('resumed_from') else ''))
     vl = np.array([m['val_loss'] for m in rows])
     print(f"{len(rows)} trial(s) in {os.path.join(args.results_dir, study, args.model, args.activation)}: "
           f"val loss {vl.mean():.4f}" + (f" ± {vl.std(ddof=1):.4f} (std)" if len(vl) > 1 else ""))

@@ -12,7 +12,9 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
+import checkpoint
 import run_all_experiments as sweep
 import train
 from conftest import ROOT, TINY_TEXT
@@ -51,8 +53,8 @@ def assert_same_predictions(a, b):
 
 
 def assert_every_file_parses(results):
-    """Every file under results is a whole JSON / npz / JSON-lines file (or the sweep lock);
-    no temp file is left."""
+    """Every file under results is a whole JSON / npz / JSON-lines file, a whole mid-trial
+    checkpoint (or the sweep lock); no temp file is left."""
     for path in glob.glob(os.path.join(str(results), '**', '*'), recursive=True) + \
             glob.glob(os.path.join(str(results), '**', '.*'), recursive=True):
         if os.path.isdir(path):
@@ -68,6 +70,9 @@ def assert_every_file_parses(results):
             with open(path) as f:
                 for line in f:
                     json.loads(line)
+        elif name.startswith('.trial_') and name.endswith('.ckpt'):
+            state = torch.load(path, map_location='cpu', weights_only=True)
+            assert set(checkpoint.FIELDS) <= set(state) and state['iter'] > 0, path
         elif name != '.sweep.lock':
             raise AssertionError(f"unexpected file in results: {path}")
 
