@@ -691,15 +691,19 @@ def dry_run(plan):
     print(describe(plan))
     per, source = estimate(plan)
     width = max([len(_name(j)) for j in plan['to_run'] + plan['done']] + [10])
+    damaged = {_name(job): (path, state) for job, path, state in plan['damaged']}
     for job, s in zip(plan['to_run'], per):
-        print(f"  to run  {_name(job):{width}s}  " + (f"~{_fmt_seconds(s)}" if s is not None else 'no estimate'))
+        est = f"~{_fmt_seconds(s)}" if s is not None else 'no estimate'
+        if _name(job) in damaged:
+            path, state = damaged[_name(job)]
+            print(f"  damaged {_name(job):{width}s}  {est}; {_show_path(path)} is {state}: its files would be moved "
+                  f"to {_show_path(os.path.join(plan['study_dir'], 'damaged'))}/<time>/ and the trial trained again")
+        else:
+            print(f"  to run  {_name(job):{width}s}  {est}")
     for job in plan['done']:
         print(f"  done    {_name(job):{width}s}  " +
               _show_path(train.trial_path(plan['results_dir'], plan['study'], job['model'],
                                                job['activation'], job['trial'])))
-    for job, path, state in plan['damaged']:
-        print(f"  damaged {_name(job):{width}s}  {_show_path(path)} is {state}; its files would be moved to "
-              f"{_show_path(os.path.join(plan['study_dir'], 'damaged'))}/<time>/ and the trial trained again")
     known = [s for s in per if s is not None]
     if not plan['to_run']:
         print("nothing to run: every trial is done (--force reruns them)")

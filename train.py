@@ -110,7 +110,8 @@ def existing_trial(path, identity):
     if not os.path.exists(npz):
         return f"damaged ({os.path.basename(npz)} is missing)"
     if sha256_file(npz) != old.get('predictions_sha256'):
-        return f"damaged ({os.path.basename(npz)} does not match the predictions_sha256 in its JSON: truncated or changed)"
+        return (f"damaged ({os.path.basename(npz)} does not match the predictions_sha256 in its JSON: "
+                f"truncated or changed)")
     return 'done'
 
 

@@ -133,7 +133,8 @@ def test_sigkilled_trial_resumes_bitwise(vary, kills, resumed_from, where, corpu
 def test_sigkilled_train_py_process_resumes_bitwise(corpus, tmp_path, uninterrupted):
     """The real command line in a real process."""
     argv = [sys.executable, 'train.py', *train_argv(corpus, tmp_path)]
-    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env={**os.environ, checkpoint.KILL_ENV: 'step:5'})
+    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, checkpoint.KILL_ENV: 'step:5'})
     assert p.returncode == -signal.SIGKILL, p.stderr
     p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
