@@ -9,7 +9,8 @@ import pytest
 
 from conftest import ROOT
 
-TORCH_FREE = ('analyze_results', 'metrics', 'plot_utils', 'routing_metrics', 'activation_names', 'fileio', 'sanity', 'report')
+TORCH_FREE = ('analyze_results', 'metrics', 'plot_utils', 'routing_metrics', 'activation_names', 'fileio', 'sanity', 'report',
+               'trial_files')
 
 
 def project_modules():
