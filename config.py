@@ -25,10 +25,11 @@ class Config:
     router_jitter: float = 0.0     # training: router input *= U(1-eps, 1+eps) from the dropout RNG
     aux_loss_coef: float = 0.01    # Switch load-balancing loss weight
     z_loss_coef: float = 0.001     # ST-MoE router z-loss weight
-    # feed-forward classifier (ffn only; the language models ignore these; see mnist.py)
-    hidden: int = 16               # ungated hidden width (gated activations: round(2/3 hidden))
+    # feed-forward classifier (ffn only; the language models ignore these; see model.FFN)
+    hidden: int = 16               # hidden units per layer (ungated; gated: see gated_width)
     depth: int = 1                 # hidden layers
     n_inputs: int = 0              # input features; 0: taken from the data (784 mnist, 40 mnist1d)
+    gated_width: str = 'same'      # gated ffn units: 'same' as hidden, or 'matched' parameter count
     # data
     dataset: str = 'shakespeare_char'  # shakespeare_char, mnist, mnist1d, or a path to any UTF-8 text file
     # optimisation (AdamW)
@@ -85,6 +86,8 @@ class Config:
                              f"{self.capacity_factor}, {self.router_init_scale}")
         if not 0.0 <= self.router_jitter < 1.0:
             raise ValueError(f"router_jitter must be in [0, 1), got {self.router_jitter}")
+        if self.gated_width not in GATED_WIDTHS:
+            raise ValueError(f"unknown gated_width {self.gated_width!r}; valid: {', '.join(GATED_WIDTHS)}")
         if not (self.aux_loss_coef >= 0 and self.z_loss_coef >= 0):
             raise ValueError(f"aux_loss_coef and z_loss_coef must be >= 0, got "
                              f"{self.aux_loss_coef}, {self.z_loss_coef}")
@@ -95,6 +98,7 @@ class Config:
 
 
 LR_SCHEDULES = ('constant', 'cosine')
+GATED_WIDTHS = ('same', 'matched')  # see model.ffn_units
 
 # Presets of the original study (cpu, gpu_lite, gpu; gpu_full lives in config_full_gpu.py),
 # plus cpu_reference: the CPU example of a well-known reference trainer (nanoGPT's
@@ -109,8 +113,8 @@ PRESETS = {
                           learning_rate=1e-3, lr_schedule='cosine', warmup_iters=100,
                           lr_decay_iters=2000, min_lr=1e-4, weight_decay=0.1, beta2=0.99,
                           grad_clip=1.0, bias=False),
-    # feed-forward classifier on MNIST-1D (offline; --dataset mnist for MNIST), as in the FFN
-    # study of mnist.py: one epoch, no dropout; eval set = the validation split
+    # feed-forward classifier on MNIST-1D (offline; --dataset mnist for MNIST), the preset of
+    # the mnist_ffn design: one epoch, no dropout; eval set = the validation split
     'mnist_ffn': dict(dataset='mnist1d', hidden=16, depth=1, epochs=1, batch_size=64,
                       learning_rate=1e-3, dropout=0.0, eval_interval=100, eval_iters=20),
 }
@@ -158,13 +162,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+FLAG_ALIASES = {'gated_width': ('--gated-width',)}  # the FFN study's flag, as the original spelled it
+
+
 def add_config_args(parser):
     """--config PRESET plus one flag per Config field (--n_embd 64, --max_iters 10, ...)."""
     parser.add_argument('--config', default='cpu', help="preset: " + ", ".join(preset_names()))
     group = parser.add_argument_group('config overrides (default: the preset\'s value)')
     for f in fields(Config):
         kind = _bool if f.type is bool else f.type  # int('1e3') fails: a clear type error
-        group.add_argument(f'--{f.name}', type=kind, default=None, metavar=f.type.__name__.upper())
+        group.add_argument(f'--{f.name}', *FLAG_ALIASES.get(f.name, ()), dest=f.name, type=kind, default=None,
+                           metavar=f.type.__name__.upper())
 
 
 def config_from_args(args):

@@ -7,6 +7,7 @@ Run a whole study from one command: every model x activation x trial through the
     python run_all_experiments.py --study seed_full --dry-run     # what would run, what is done, how long
     python run_all_experiments.py --config cpu --workers 2 --models minigpt charlm --activations relu gelu
     python run_all_experiments.py --study seed_full --executor ray --ray-address auto --ray-num-gpus 0.25
+    python run_all_experiments.py --study mnist_ffn --task mnist1d --gated-width matched  # the FFN study
 
 Resume. A trial is done exactly when its result JSON exists and records the same identity
 (task, model, activation, trial, vary, seeds, config: train.existing_trial); done trials are
@@ -17,8 +18,8 @@ at a time per study: <study>/.sweep.lock is held while it runs, and on start the
 removes temp files (.trial_*.tmp) that a killed run left behind.
 
 Failures. A trial that raises (non-finite loss, out of memory, a bug), or whose worker
-process dies, is appended to <study>/failures.jsonl (model, activation, trial, error,
-traceback, time; one whole line per os.write, fsynced); the sweep goes on with the rest and
+process dies, is appended to <study>/failures.jsonl (a grid design: the cell's folder; model,
+activation, trial, config, error, traceback, time; one whole line per os.write, fsynced); the sweep goes on with the rest and
 exits 1 at the end naming the failed trials. Ctrl-C stops the running trials (they leave no
 result), says what finished, and exits 130; the same command resumes.
 
@@ -40,8 +41,8 @@ import argparse
 import datetime
 import difflib
 import glob
-import importlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -73,24 +74,33 @@ ORIGINAL_MODELS = ('charlm', 'tinylstm', 'minigpt', 'convlm', 'hybridlm', 'nanot
 PARTIAL_ACTIVATIONS = ('smelu_05', 'smelu_1', 'relu', 'gelu', 'swish')
 
 # A design sets the grid and the preset of a named study; explicit flags override them.
+# A design with a `grid` also sweeps config fields: every combination of the grid's values is
+# a cell, an ordinary study folder <results-dir>/<study>/<root>/<cell> holding the models x
+# activations x trials of that config (root and cell are formats over the cell's config).
+# `tiny_trials`: a trial is far too small for several threads (OpenMP threads of a
+# 100-parameter model spend their time waiting on each other, worse on a busy machine), so
+# the default is one thread per trial and one worker per core.
 DESIGNS = {
     'seed_partial': dict(config='gpu', models=ORIGINAL_MODELS, activations=PARTIAL_ACTIVATIONS, trials=3,
                          about='the original partial study: 6 models x 5 activations x 3 trials, gpu preset'),
     'seed_full': dict(config='gpu_full', models=ORIGINAL_MODELS, activations=PARTIAL_ACTIVATIONS + ('swiglu',),
                       trials=3, about='the original full study: 6 models x 6 activations x 3 trials, gpu_full preset'),
+    'mnist_ffn': dict(config='mnist_ffn', models=('ffn',), activations=('relu', 'geglu'), trials=20,
+                      grid={'hidden': (2, 4, 8, 16), 'batch_size': (8, 64), 'learning_rate': (1e-1, 1e-2, 1e-3, 1e-4)},
+                      root='{dataset}/gated_{gated_width}', cell='h{hidden}_b{batch_size}_lr{learning_rate:g}',
+                      tiny_trials=True,
+                      about='FFN_ReLU vs FFN_GeGLU on MNIST-1D / MNIST (--task): every width x batch size x '
+                            'learning rate, 20 seeds each; best-of-k report (--gated-width same|matched)'),
 }
+# the flags that override a grid's values (a design's grid fields cannot be set otherwise)
+GRID_FLAGS = {'hidden': 'widths', 'batch_size': 'batch_sizes', 'learning_rate': 'lrs'}
 # Without a design: this grid on --config (default cpu).
 DEFAULT_GRID = dict(config='cpu', models=ORIGINAL_MODELS, activations=PARTIAL_ACTIVATIONS, trials=3)
-# Studies with a runner of their own: `--study NAME` hands the whole command line to MODULE.main(argv).
-DISPATCHED = {
-    'mnist_ffn': dict(module='mnist', about='FFN GeGLU vs ReLU on MNIST / MNIST-1D with best-of-k search '
-                                            '(issue 7; flags: python mnist.py --help)'),
-}
 STUDY_NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
 
 
 def study_names():
-    return list(DESIGNS) + list(DISPATCHED)
+    return list(DESIGNS)
 
 
 # ----------------------------------------------------------------------------- one trial (any process)
@@ -100,8 +110,8 @@ def _run_job(job, common, slot):
     an Exception (KeyboardInterrupt and SystemExit pass: they stop the sweep)."""
     t0 = time.time()
     try:
-        r = train.run_trial(job['model'], job['activation'], job['trial'], common['config'],
-                            results_dir=common['results_dir'], study=common['study'], vary=common['vary'],
+        r = train.run_trial(job['model'], job['activation'], job['trial'], job['config'],
+                            results_dir=common['results_dir'], study=job['study'], vary=common['vary'],
                             device=slot['device'], dtype=common['dtype'], deterministic=common['deterministic'],
                             compile=common['compile'], data_dir=common['data_dir'],
                             save_checkpoints=common['save_checkpoints'], progress=False,
@@ -324,8 +334,9 @@ def append_failure(path, record):
 
 
 def stray_temp_files(study_dir):
-    """Temp files of fileio.atomic_write (.trial_<k>.<ext>XXXX.tmp) left by a killed run."""
-    return sorted(glob.glob(os.path.join(study_dir, '*', '*', '.trial_*.tmp')))
+    """Temp files of fileio.atomic_write (.trial_<k>.<ext>XXXX.tmp) left by a killed run
+    (at any depth: a grid design's cells are study folders inside study_dir)."""
+    return sorted(glob.glob(os.path.join(study_dir, '**', '.trial_*.tmp'), recursive=True))
 
 
 class StudyLock:
@@ -360,24 +371,26 @@ class StudyLock:
 
 # ----------------------------------------------------------------------------- time estimate
 
-_NOT_TIMING = ('seed_base', 'eval_seed', 'dataset')  # do not change how long a trial takes
+_NOT_TIMING = ('seed_base', 'eval_seed', 'dataset', 'learning_rate')  # do not change how long a trial takes
 
 
 def _timing_key(config_dict):
     return json.dumps({k: v for k, v in sorted(config_dict.items()) if k not in _NOT_TIMING})
 
 
-def _earlier_times(results_dir, key):
-    """[(model, activation, seconds, threads, where)] of earlier measured trials with this
-    config, from every study under results_dir and from the benchmark figures file."""
+def _earlier_times(results_dir, keys):
+    """[(model, activation, timing key, seconds, threads, where)] of earlier measured trials
+    with one of these timing keys, from every study under results_dir (at any depth) and from
+    the benchmark figures file."""
     found = []
-    for path in glob.glob(os.path.join(results_dir, '*', '*', '*', 'trial_*.json')):
+    for path in glob.glob(os.path.join(results_dir, '**', 'trial_*.json'), recursive=True):
         try:
             with open(path) as f:
                 rec = json.load(f)
             t = rec['metrics']['total_time']
-            if rec.get('source') == 'measured' and _timing_key(rec['config']) == key and math.isfinite(t):
-                found.append((rec['model'], rec['activation'], float(t),
+            key = _timing_key(rec['config'])
+            if rec.get('source') == 'measured' and key in keys and math.isfinite(t):
+                found.append((rec['model'], rec['activation'], key, float(t),
                               rec.get('provenance', {}).get('threads'), os.path.dirname(os.path.dirname(
                                   os.path.dirname(path)))))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -385,8 +398,9 @@ def _earlier_times(results_dir, key):
     try:
         with open(BENCH_FIGURES) as f:
             for t in json.load(f).get('trials', []):
-                if _timing_key(t['config']) == key and math.isfinite(t['total_time']):
-                    found.append((t['model'], t['activation'], float(t['total_time']), t.get('threads'),
+                key = _timing_key(t['config'])
+                if key in keys and math.isfinite(t['total_time']):
+                    found.append((t['model'], t['activation'], key, float(t['total_time']), t.get('threads'),
                                   _show_path(BENCH_FIGURES)))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
@@ -396,27 +410,33 @@ def _earlier_times(results_dir, key):
 def estimate(plan):
     """(per-trial seconds or None for each trial to run, a sentence saying where they come
     from). Times only: measured wall times of earlier trials, never a result."""
-    found = _earlier_times(plan['results_dir'], _timing_key(plan['config'].to_dict()))
-    same_threads = [f for f in found if f[3] == plan['threads']]
+    keys = [_timing_key(c.to_dict()) for c in plan['to_run_configs']]  # each trial's full config
+    found = _earlier_times(plan['results_dir'], set(keys))
+    same_threads = [f for f in found if f[4] == plan['threads']]
     used = same_threads or found
     by_pair, by_model = {}, {}
-    for m, a, t, _, _ in used:
-        by_pair.setdefault((m, a), []).append(t)
-        by_model.setdefault(m, []).append(t)
+    for m, a, key, t, _, _ in used:
+        by_pair.setdefault((m, a, key), []).append(t)
+        by_model.setdefault((m, key), []).append(t)
     per, n_pair, n_model = [], 0, 0
-    for j in plan['to_run']:
-        ts = by_pair.get((j['model'], j['activation']))
+    for j, key in zip(plan['to_run'], keys):
+        ts = by_pair.get((j['model'], j['activation'], key))
         if ts:
             n_pair += 1
         else:
-            ts = by_model.get(j['model'])
+            ts = by_model.get((j['model'], key))
             n_model += bool(ts)
         per.append(sum(ts) / len(ts) if ts else None)
     if not used:
         return per, (f"no estimate: no earlier trial with this config in {plan['results_dir']} or "
                      f"{_show_path(BENCH_FIGURES)} (train one trial, or run benchmarks/bench_sweep.py)")
     wheres = sorted({w for *_, w in used})
-    threads = sorted({str(f[3]) for f in used})
+    if len(wheres) > 3:  # a grid design's cells: name their common folder
+        try:
+            wheres = [f"{len(wheres)} folders under {os.path.commonpath(wheres)}"]
+        except ValueError:  # relative and absolute paths mixed
+            wheres = [f"{len(wheres)} folders"]
+    threads = sorted({str(f[4]) for f in used})
     src = (f"mean all-in time of {len(used)} earlier trial(s) with the same config in {', '.join(wheres)}, "
            f"measured with {'/'.join(threads)} thread(s) per trial"
            + ('' if same_threads else f" (this sweep: {plan['threads']})"))
@@ -438,7 +458,6 @@ def _fmt_seconds(s):
 
 EPILOG = f"""study designs (--study NAME):
 {chr(10).join(f'  {k:13s} {v["about"]}' for k, v in DESIGNS.items())}
-{chr(10).join(f'  {k:13s} {v["about"]}' for k, v in DISPATCHED.items())}
   any other name is a plain results folder for the grid given by the flags (default:
   {len(DEFAULT_GRID['models'])} models {' '.join(DEFAULT_GRID['models'])}
   x {len(DEFAULT_GRID['activations'])} activations {' '.join(DEFAULT_GRID['activations'])} x {DEFAULT_GRID['trials']} trials
@@ -446,6 +465,11 @@ EPILOG = f"""study designs (--study NAME):
   A design only sets defaults: flags given explicitly (--config, --models, --activations,
   --trials, any config override such as --max_iters) override the design's values; the sweep
   prints the overrides, and every trial JSON records its full config.
+
+mnist_ffn: python run_all_experiments.py --study mnist_ffn --task mnist1d [--gated-width matched]
+  trains every (--widths x --batch-sizes x --lrs) cell with --trials seeds, one study folder per
+  cell under <results-dir>/mnist_ffn/<task>/gated_<same|matched>/h<width>_b<batch>_lr<lr>/, then
+  writes the best-of-k report (summary.json, REPORT.md, plots/) in <task>/gated_<...>/.
 
 resume: a trial is skipped when its JSON exists with the same config and seeds (--force
   reruns it); a result with a different config stops the sweep before any training.
@@ -462,12 +486,13 @@ def make_parser():
     parser.add_argument('--activations', nargs='+', metavar='NAME',
                         help=f"'all' or activation names (valid: {', '.join(ACTIVATION_NAMES)}, smelu_<beta>; "
                              f"default: the design's, else {' '.join(DEFAULT_GRID['activations'])})")
-    parser.add_argument('--trials', type=int, default=None, help='trials per pair (default: 3)')
+    parser.add_argument('--trials', type=int, default=None,
+                        help="trials (seeds) per pair, and per cell of a grid design (default: the design's, else 3)")
     parser.add_argument('--workers', type=int, default=None,
-                        help='trials at once, in separate processes (default: 1 on CPU; on CUDA, '
-                             'visible devices x --trials-per-gpu)')
+                        help='trials at once, in separate processes (default: 1 on CPU, one per core for '
+                             'mnist_ffn; on CUDA, visible devices x --trials-per-gpu)')
     parser.add_argument('--threads', type=int, default=None,
-                        help='torch CPU threads per trial (default: cores // workers). Results are bitwise '
+                        help='torch CPU threads per trial (default: cores // workers; 1 for mnist_ffn). Results are bitwise '
                              'identical across different --workers only at the same --threads')
     parser.add_argument('--trials-per-gpu', type=int, default=None,
                         help='CUDA: workers per device, placed round-robin (default: 1)')
@@ -483,6 +508,14 @@ def make_parser():
     parser.add_argument('--no-analyze', action='store_true', help='do not run the analysis at the end')
     parser.add_argument('--baseline', default=None, help='analysis: activation compared against (default: relu)')
     parser.add_argument('--plots-dir', default=None, help='analysis: where plots go (default: <study>/plots)')
+    grid = parser.add_argument_group('grid designs (mnist_ffn)')
+    grid.add_argument('--task', default=None, choices=('mnist1d', 'mnist'),
+                      help="the dataset of the mnist_ffn design (default: the preset's, mnist1d; mnist is "
+                           "downloaded once)")
+    grid.add_argument('--widths', nargs='+', type=int, default=None, help='hidden widths (default: 2 4 8 16)')
+    grid.add_argument('--batch-sizes', nargs='+', type=int, default=None, help='batch sizes (default: 8 64)')
+    grid.add_argument('--lrs', nargs='+', type=float, default=None,
+                      help='learning rates (default: 0.1 0.01 0.001 0.0001)')
     train.add_run_args(parser)
     parser.set_defaults(config=None)  # so that a design's preset applies unless --config is given
     for a in parser._actions:
@@ -528,6 +561,20 @@ def make_plan(args):
     base = design or DEFAULT_GRID
     overrides = [f'--{k}' for k in ('config', 'models', 'activations', 'trials') if getattr(args, k) is not None]
     overrides += [f'--{f.name} {getattr(args, f.name)}' for f in fields(Config) if getattr(args, f.name) is not None]
+    grid_flags = [f for f in ('task',) + tuple(GRID_FLAGS.values()) if getattr(args, f) is not None]
+    overrides += [f"--{f.replace('_', '-')}" for f in grid_flags]
+    grid = base.get('grid')
+    if not grid and grid_flags:
+        raise ValueError(f"{', '.join('--' + f.replace('_', '-') for f in grid_flags)} go with a grid design "
+                         f"({', '.join(k for k, d in DESIGNS.items() if d.get('grid'))}), not "
+                         f"{'--study ' + args.study if args.study else 'a plain study'}")
+    if grid:
+        swept = [f'--{k}' for k in grid if getattr(args, k) is not None]
+        swept += [f'--{k}' for k in ('dataset', 'data') if getattr(args, k) is not None]
+        if swept:
+            raise ValueError(f"{', '.join(swept)}: set by design {args.study} (use --task, "
+                             f"{', '.join('--' + f.replace('_', '-') for f in GRID_FLAGS.values())})")
+        args.dataset = args.task
     args.config = args.config or base['config']
     if args.data is not None and os.path.isfile(args.data):
         args.data = os.path.abspath(args.data)  # the same identity wherever the trial runs
@@ -549,6 +596,14 @@ def make_plan(args):
     for m in args.models or []:
         if m != 'all':
             check_model(m)
+    cells, root = [('', config)], ''
+    if grid:  # every combination of the grid's values is a cell: its own study folder
+        values = {k: list(dict.fromkeys(getattr(args, GRID_FLAGS[k]) or v)) for k, v in grid.items()}
+        cells = []
+        for combo in itertools.product(*values.values()):
+            cfg = replace(config, **dict(zip(values, combo))).validate()  # a width of 0: a one-line error
+            cells.append((base['cell'].format(**cfg.to_dict()), cfg))
+        root = base['root'].format(**config.to_dict())
 
     # execution: slots of (device, threads)
     ray_flags = [f for f in ('ray_address', 'ray_num_cpus', 'ray_num_gpus') if getattr(args, f) is not None]
@@ -588,16 +643,21 @@ def make_plan(args):
         else:
             if args.trials_per_gpu is not None:
                 raise ValueError(f"--trials-per-gpu is for CUDA devices; this sweep runs on {dev}")
-            devices, workers = ['cpu'], args.workers or 1
-        threads = args.threads or max(1, _cores() // workers)
+            devices, workers = ['cpu'], args.workers or (_cores() if base.get('tiny_trials') else 1)
+        tiny = base.get('tiny_trials') and dev.type == 'cpu'
+        threads = args.threads or (1 if tiny else max(1, _cores() // workers))
         slots = [{'device': devices[i % len(devices)], 'threads': threads} for i in range(workers)]
         execution = (f"{workers} worker process(es)" if workers > 1 else "in this process") + \
             f" on {', '.join(sorted(set(s['device'] for s in slots)))}, {threads} thread(s) per trial"
+        if tiny and not (args.workers and args.threads):
+            execution += (" (tiny trials: one thread each, one worker per core, so no trial's threads wait "
+                          "on each other; --workers / --threads override)")
 
     # the data: fixes vocab_size etc., which are part of every trial's identity
     data_dir = os.path.abspath(resolve_data_dir(args.data_dir))
-    task = make_task(config, data_dir)
-    full = replace(config, **task.config_updates())
+    tasks = [make_task(cfg, data_dir) for _, cfg in cells]
+    fulls = [replace(cfg, **task.config_updates()) for (_, cfg), task in zip(cells, tasks)]
+    task, full = tasks[0], fulls[0]
     kind_models = MODEL_NAMES if task.kind == 'lm' else CLASSIFIER_NAMES
     models = _pick_names(args.models, base['models'] if task.kind == 'lm' else CLASSIFIER_NAMES,
                          kind_models, check_model, 'models')
@@ -605,31 +665,36 @@ def make_plan(args):
         if model_kind(m) != task.kind:
             raise ValueError(f"model {m!r} trains on {model_kind(m)} data, but dataset {config.dataset!r} is a "
                              f"{task.kind} task; models for it: {', '.join(kind_models)}")
-    for m in models:  # every pair must be buildable at this config: cheap on the meta device
-        for a in activations:
-            try:
-                with torch.device('meta'):
-                    build_model(m, a, full, seed=0)
-            except ValueError as e:
-                raise ValueError(f"{m}/{a} cannot be built with this config: {e}") from None
-            except Exception:  # noqa: BLE001 -- a model the meta device can't build: the trial will tell
-                pass
+    for (name, _), cfg_full in zip(cells, fulls):
+        for m in models:  # every pair must be buildable at this config: cheap on the meta device
+            for a in activations:
+                try:
+                    with torch.device('meta'):
+                        build_model(m, a, cfg_full, seed=0)
+                except ValueError as e:
+                    raise ValueError(f"{m}/{a} cannot be built with this config{' (cell ' + name + ')' if name else ''}: "
+                                     f"{e}") from None
+                except Exception:  # noqa: BLE001 -- a model the meta device can't build: the trial will tell
+                    pass
 
     results_dir = os.path.abspath(args.results_dir)
-    study_dir = os.path.join(results_dir, study)
-    to_run, done, conflicts = [], [], []
-    for m in models:
-        for a in activations:
-            for k in range(trials):
-                job = {'model': m, 'activation': a, 'trial': k}
-                path = train.trial_path(results_dir, study, m, a, k)
-                state = train.existing_trial(path, train.trial_identity(task, m, a, k, args.vary, full))
-                if state == 'done' and not args.force:
-                    done.append(job)
-                else:
-                    to_run.append(job)
-                    if state not in ('absent', 'done') and not args.force:
-                        conflicts.append((path, state))
+    study_dir = os.path.join(results_dir, study, *([root] if root else []))
+    to_run, to_run_configs, done, conflicts = [], [], [], []
+    for (name, cfg), cell_task, cfg_full in zip(cells, tasks, fulls):
+        job_study = '/'.join(p for p in (study, root, name) if p)  # a grid cell: its own study folder
+        for m in models:
+            for a in activations:
+                for k in range(trials):
+                    job = {'model': m, 'activation': a, 'trial': k, 'study': job_study, 'config': cfg}
+                    path = train.trial_path(results_dir, job_study, m, a, k)
+                    state = train.existing_trial(path, train.trial_identity(cell_task, m, a, k, args.vary, cfg_full))
+                    if state == 'done' and not args.force:
+                        done.append(job)
+                    else:
+                        to_run.append(job)
+                        to_run_configs.append(cfg_full)
+                        if state not in ('absent', 'done') and not args.force:
+                            conflicts.append((path, state))
     if conflicts:
         path, state = conflicts[0]
         raise ValueError(f"{len(conflicts)} existing result(s) in {study_dir} belong to another config or seeds "
@@ -640,18 +705,20 @@ def make_plan(args):
         close = difflib.get_close_matches(args.study, study_names(), n=1, cutoff=0.8)
         if close:
             note = f"note: {args.study!r} is not a study design (did you mean {close[0]}?); running it as a plain study"
-    common = {'config': config, 'results_dir': results_dir, 'study': study, 'vary': args.vary,
+    common = {'results_dir': results_dir, 'vary': args.vary,
               'dtype': args.dtype, 'deterministic': args.deterministic, 'compile': args.compile,
               'data_dir': data_dir, 'save_checkpoints': args.save_checkpoints, 'force': args.force}
     return {'design': args.study if design else None, 'overrides': overrides, 'note': note, 'study': study,
             'study_dir': study_dir, 'results_dir': results_dir, 'config': full, 'preset': args.config,
             'models': models, 'activations': activations, 'trials': trials, 'to_run': to_run, 'done': done,
+            'to_run_configs': to_run_configs, 'grid': values if grid else None, 'cells': [n for n, _ in cells if n],
             'common': common, 'slots': slots, 'workers': workers, 'threads': threads, 'execution': execution,
             'executor': args.executor, 'vary': args.vary}
 
 
 def _name(job):
-    return f"{job['model']}/{job['activation']} trial {job['trial']}"
+    cell = f" [{os.path.basename(job['study'])}]" if '/' in job['study'] else ''  # a grid design's cell
+    return f"{job['model']}/{job['activation']} trial {job['trial']}{cell}"
 
 
 def describe(plan):
@@ -659,11 +726,14 @@ def describe(plan):
     what = (f"design {plan['design']}" if plan['design'] else f"study {plan['study']}") + f": preset {plan['preset']}"
     if plan['overrides']:
         what += f" (overrides: {', '.join(plan['overrides'])})"
+    cells = f"{len(plan['cells'])} cell(s) x " if plan['grid'] else ''
     lines = [what,
-             f"  {len(plan['models'])} model(s) x {len(plan['activations'])} activation(s) x {plan['trials']} "
+             f"  {cells}{len(plan['models'])} model(s) x {len(plan['activations'])} activation(s) x {plan['trials']} "
              f"trial(s) = {n}: {len(plan['done'])} done, {len(plan['to_run'])} to run; vary {plan['vary']}"
              + ('; deterministic' if plan['common']['deterministic'] else ''),
              f"  models: {' '.join(plan['models'])}; activations: {' '.join(plan['activations'])}",
+             *([f"  grid: {' x '.join(f'{k} ' + ' '.join(f'{v:g}' for v in vs) for k, vs in plan['grid'].items())} "
+                f"(one study folder per cell)"] if plan['grid'] else []),
              f"  {plan['execution']}; results in {plan['study_dir']}"]
     if plan['note']:
         lines.insert(0, plan['note'])
@@ -678,7 +748,7 @@ def dry_run(plan):
         print(f"  to run  {_name(job):{width}s}  " + (f"~{_fmt_seconds(s)}" if s is not None else 'no estimate'))
     for job in plan['done']:
         print(f"  done    {_name(job):{width}s}  " +
-              _show_path(train.trial_path(plan['results_dir'], plan['study'], job['model'],
+              _show_path(train.trial_path(plan['results_dir'], job['study'], job['model'],
                                                job['activation'], job['trial'])))
     known = [s for s in per if s is not None]
     if not plan['to_run']:
@@ -704,7 +774,6 @@ def run_sweep(plan, executor_factory):
     from tqdm import tqdm
     to_run, done = plan['to_run'], plan['done']
     total = len(to_run) + len(done)
-    failures_path = os.path.join(plan['study_dir'], 'failures.jsonl')
     finished, failed, interrupted = [], [], False
     executor = None
     # disable=None: a live bar on a terminal, silence in logs and CI
@@ -719,8 +788,8 @@ def run_sweep(plan, executor_factory):
                           f"{out['val_accuracy']:.4f}  {out['seconds']:.1f} s", file=sys.stdout)
             else:
                 failed.append(job)
-                append_failure(failures_path, {
-                    **job, 'study': plan['study'], 'error': out['error'], 'traceback': out['traceback'],
+                append_failure(os.path.join(plan['results_dir'], job['study'], 'failures.jsonl'), {
+                    **job, 'config': job['config'].to_dict(), 'error': out['error'], 'traceback': out['traceback'],
                     'time': datetime.datetime.now().astimezone().isoformat(), 'seconds': out['seconds'],
                     'host': out.get('host'), 'executor': plan['executor']})
                 bar.write(f"{count} FAILED {_name(job)}: {out['error']}", file=sys.stdout)
@@ -772,14 +841,6 @@ def analyze_study(plan, args):
 
 
 def _main(argv):
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument('--study')
-    known, _ = pre.parse_known_args(argv)
-    if known.study in DISPATCHED:  # a study with its own runner gets the whole command line
-        module = importlib.import_module(DISPATCHED[known.study]['module'])
-        module.main(argv)
-        return 0
-
     parser = make_parser()
     args = parser.parse_args(argv)
     try:
@@ -820,8 +881,10 @@ def _main(argv):
     if not args.no_analyze:
         ok = analyze_study(plan, args)
     if failed:
+        logs = sorted({os.path.join(plan['results_dir'], j['study'], 'failures.jsonl') for j in failed})
+        where = logs[0] if len(logs) == 1 else f"the failures.jsonl of {len(logs)} cells under {plan['study_dir']}"
         print(f"error: {len(failed)} trial(s) failed: {', '.join(map(_name, failed))}; errors and tracebacks in "
-              f"{os.path.join(plan['study_dir'], 'failures.jsonl')}", file=sys.stderr)
+              f"{where}", file=sys.stderr)
         return 1
     return 0 if ok else 1
 

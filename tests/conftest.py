@@ -27,3 +27,12 @@ def tiny_corpus(tmp_path):
 def tiny_config(tiny_corpus):
     from config import get_config
     return get_config('cpu', dataset=tiny_corpus, **TINY_OVERRIDES)
+
+
+@pytest.fixture(scope='session')
+def mnist1d_dir(tmp_path_factory):
+    """A data folder whose MNIST-1D cache is made once for the whole session (~1.5 s)."""
+    import mnist
+    d = str(tmp_path_factory.mktemp('data'))
+    mnist.load_mnist1d(d)
+    return d

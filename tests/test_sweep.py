@@ -358,14 +358,6 @@ def test_designs_set_the_grid_and_explicit_flags_override_them(corpus, tmp_path,
     assert not os.listdir(tmp_path)
 
 
-def test_mnist_study_is_dispatched_to_its_runner(monkeypatch):
-    mnist = pytest.importorskip('mnist')
-    seen = []
-    monkeypatch.setattr(mnist, 'main', lambda argv=None: seen.append(argv))
-    assert sweep.main(['--study', 'mnist_ffn', '--task', 'mnist1d', '--widths', '2']) == 0
-    assert seen == [['--study', 'mnist_ffn', '--task', 'mnist1d', '--widths', '2']]
-
-
 def test_dry_run_estimate_from_benchmark_figures(reference, corpus, tmp_path, monkeypatch, capsys):
     rec = record(reference, 'minigpt', 'relu', 0)
     figures = tmp_path / 'bench_sweep.json'
