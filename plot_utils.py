@@ -434,6 +434,8 @@ def ffn_best_of_k_curves(s):
         params = ', '.join(f"{a} {(r['params'].get(a) or {}).get('n_params', '?')}" for a in acts)
         ax.set_title(f"width {r['width']} (params: {params})", fontsize=8)
         ax.set_xscale('log', base=2)
+        ticks = [k for k in s['curve_ks'] if k & (k - 1) == 0]  # powers of two
+        ax.set_xticks(ticks, [str(k) for k in ticks])
         ax.set_xlabel('k (configurations searched)')
         ax.grid(alpha=0.3)
     axes[0].set_ylabel('accuracy')
@@ -458,7 +460,10 @@ def ffn_pd_vs_width(s):
     ax.set_xticks(widths, [str(w) for w in widths])
     ax.set_xlabel('hidden width')
     ax.set_ylabel('relative PD between seeds')
-    ax.set_title(f"{s['task']}, gated width {s['gated_width']}: PD at one shared config per width", fontsize=9)
+    cells = sorted({(r['pd']['batch_size'], r['pd']['learning_rate']) for r in s['results']})
+    where = f"batch {cells[0][0]}, lr {cells[0][1]:g}" if len(cells) == 1 else 'per-width cells: see REPORT.md'
+    ax.set_title(f"{s['task']}, gated width {s['gated_width']}: PD between seeds\nat one config shared by the "
+                 f"models ({where})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
