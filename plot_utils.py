@@ -386,6 +386,11 @@ def _ci_bars(values, cis):
     return np.nan_to_num(np.stack([v - lo, hi - v]), nan=0.0)
 
 
+def _dodge(widths, i, n):
+    """x positions of line i of n on a log2 width axis, shifted so their error bars do not overlap."""
+    return np.array(widths, dtype=float) * 2 ** (0.06 * (i - (n - 1) / 2))
+
+
 def ffn_accuracy_vs_width(s):
     """The original's plot: per k, expected best-of-k validation accuracy (solid) and the selected
     runs' test accuracy (dashed) against width, one colour per activation, 95% CI bars."""
@@ -396,7 +401,7 @@ def ffn_accuracy_vs_width(s):
     for ax, k in zip(axes, ks):
         q = cks.index(k)
         for i, a in enumerate(acts):
-            x = np.array(widths, dtype=float) * 2 ** (0.06 * (i - (len(acts) - 1) / 2))  # dodge on a log axis
+            x = _dodge(widths, i, len(acts))
             for split, style in (('val', '-'), ('test', '--')):
                 c = [r['curves'][a] for r in s['results']]
                 ax.errorbar(x, _f([cc[split][q] for cc in c]), yerr=_ci_bars([cc[split][q] for cc in c],
@@ -452,7 +457,7 @@ def ffn_pd_vs_width(s):
     ax = fig.subplots()
     colors = activation_colors(acts)
     for i, a in enumerate(acts):
-        x = np.array(widths, dtype=float) * 2 ** (0.06 * (i - (len(acts) - 1) / 2))
+        x = _dodge(widths, i, len(acts))
         p = [r['pd']['activations'].get(a) or {} for r in s['results']]
         ax.errorbar(x, _f([q.get('relative_pd') for q in p]), yerr=_ci_bars([q.get('relative_pd') for q in p],
                     [q.get('ci') for q in p]), fmt='o-', color=colors[a], capsize=3, label=a)
