@@ -15,6 +15,9 @@ A trial counts only if its JSON parses and its .npz loads and matches the record
 any other file is listed with the reason and skipped. Inputs are checked before anything is
 written, and every output goes to a temp file that is then renamed into place, so bad input
 overwrites nothing.
+
+A folder of study folders (the mnist_ffn design's <results>/mnist_ffn/<task>/gated_<mode>/,
+one study per grid cell) gets the FFN study's report instead: see build_ffn_summary.
 """
 import glob
 import hashlib
