@@ -394,6 +394,9 @@ def build_summary(study_dir, baseline=None, loaded=None):
         'failures': failures,
         'bad_files': bad,
         'provenance': {'n_trials': len(trials), 'files': files,
+                       # trials that continued from a mid-trial checkpoint after a kill, and where
+                       'resumed': [{'trial': t['name'], 'resumed_from': t['record']['resumed_from']}
+                                   for t in trials if t['record'].get('resumed_from')],
                        **{k + 's': sorted(v, key=json.dumps) for k, v in seen.items()}},
         'study_info': study_info(trials),
     }

@@ -86,34 +86,41 @@ class ProgressLog:
     time of the trial (if it is 30 s or more), then a line at least every `every` seconds
     (trial, iteration, loss, time left) for as long as a step takes less than that.
     Time per step and per evaluation are measured separately: the first evaluation would
-    otherwise weigh on the first steps' rate."""
+    otherwise weigh on the first steps' rate. A trial resumed from a checkpoint at iteration
+    `start`, with `start_eval_time` seconds of evaluation behind it, measures its steps from there."""
 
-    def __init__(self, name, total, evals_total, every=30.0, warmup=5, enabled=None, stream=None):
+    def __init__(self, name, total, evals_total, every=30.0, warmup=5, enabled=None, stream=None,
+                 start=0, start_eval_time=0.0):
         self.stream = stream or sys.stderr
         if enabled is None:
             enabled = not (hasattr(self.stream, 'isatty') and self.stream.isatty())
         self.name, self.total, self.evals_total = name, total, evals_total
         self.every, self.warmup, self.enabled = every, warmup, enabled
+        self.start, self.start_eval_time = start, start_eval_time
         self.t0 = self.last = time.time()
         self.projected = False
+
+    def step_time(self, it, eval_time):
+        """Seconds per training step in this run, evaluations excluded."""
+        return max(0.0, time.time() - self.t0 - (eval_time - self.start_eval_time)) / max(1, it - self.start)
 
     def left(self, it, eval_time, evals_done):
         """Seconds left: steps at the measured time per step, evaluations at the measured
         time per evaluation."""
-        steps = max(0.0, time.time() - self.t0 - eval_time) / max(1, it)
         per_eval = eval_time / evals_done if evals_done else 0.0
-        return steps * (self.total - it) + per_eval * max(0, self.evals_total - evals_done)
+        return self.step_time(it, eval_time) * (self.total - it) + per_eval * max(0, self.evals_total - evals_done)
 
     def update(self, it, loss, eval_time, evals_done):
-        if not self.enabled or it == 0:
+        if not self.enabled or it == self.start:
             return
         now = time.time()
-        if not self.projected and it >= min(self.warmup, self.total):
+        if not self.projected and it - self.start >= min(self.warmup, self.total - self.start):
             self.projected = True
             left = self.left(it, eval_time, evals_done)
             if now - self.t0 + left >= self.every:
-                self._say(f"projected trial time ~{fmt_seconds(now - self.t0 + left)} "
-                          f"({(now - self.t0 - eval_time) / it * 1000:.0f} ms per step, "
+                self._say((f"resumed at iteration {self.start}: projected time of the rest " if self.start else
+                           "projected trial time ") + f"~{fmt_seconds(now - self.t0 + left)} "
+                          f"({self.step_time(it, eval_time) * 1000:.0f} ms per step, "
                           f"{self.total} steps, {self.evals_total} evaluations)")
         elif now - self.last >= self.every:
             self._say(f"iteration {it}/{self.total}, loss {loss:.4f}, "

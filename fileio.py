@@ -4,6 +4,8 @@ analysis and plotting side must not import torch):
 
     atomic_write, write_json,   results, reports and plots, never half-written
     write_text
+    set_aside                   damaged results and refused checkpoints moved out of the
+                                way (to <study>/damaged/<time>/), never deleted
     data_dir, fetch_verified    where data lives; a data file checked by its digest and
                                 downloaded once if absent (both corpora: prepare_data, mnist)
     DataError                   a missing, corrupt or unusable data file
@@ -15,6 +17,7 @@ import json
 import math
 import os
 import tempfile
+import time
 import urllib.request
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -79,6 +82,29 @@ def write_json(path, obj):
 def write_text(path, text):
     """text as UTF-8, atomically."""
     atomic_write(path, lambda f: f.write(text.encode('utf-8')))
+
+
+def set_aside(paths, root):
+    """Move the existing files of `paths` (each under folder `root`) to
+    root/damaged/<local time>/<path relative to root>, never overwriting anything there
+    (a taken name gets .1, .2, ...; a hidden name loses its leading dot so that it shows).
+    Returns the new paths. Used for damaged trial results and refused checkpoints: they are
+    kept for inspection, never deleted."""
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    moved = []
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        folder, name = os.path.split(os.path.relpath(path, root))
+        dest = base = os.path.join(root, 'damaged', stamp, folder, name.lstrip('.'))
+        n = 0
+        while os.path.exists(dest):
+            n += 1
+            dest = f"{base}.{n}"
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.replace(path, dest)
+        moved.append(dest)
+    return moved
 
 
 # ----------------------------------------------------------------------------- data files

@@ -1,7 +1,7 @@
 """
 MNIST and MNIST-1D data: IDX files, the verified MNIST download, MNIST-1D generation, and the
 classification task through which train.py sees them. Data only: the `ffn` model lives in
-model.py, the FFN study is the `mnist_ffn` design of run_all_experiments.py.
+model.py, the FFN study is the `mnist_ffn` design of designs.py.
 
 Datasets (Config.dataset / --dataset; the mnist_ffn design's --task)
   mnist    the four standard IDX files (gzip), downloaded on first use from MNIST_URL into
@@ -259,13 +259,17 @@ class ClassificationTask:
             up['max_iters'] = math.ceil(self._epochs * self.batches_per_epoch(self._batch) / self._accum)
         return up
 
-    def train_batches(self, batch_size, generator):
+    def train_batches(self, batch_size, generator, start=0):
         n = len(self.train_y)
+        epoch, offset = divmod(start, self.batches_per_epoch(batch_size))
+        for _ in range(epoch):  # a resumed stream: the permutations of the epochs it skips
+            torch.randperm(n, generator=generator)
         while True:  # one permutation of the training split per epoch
             perm = torch.randperm(n, generator=generator)
-            for s in range(0, n, batch_size):
+            for s in range(offset * batch_size, n, batch_size):
                 idx = perm[s:s + batch_size]
                 yield _features(self.train_x[idx]), self.train_y[idx]
+            offset = 0
 
     def get_batch(self, split, batch_size, generator):
         """Random examples (with replacement) of 'train' or 'val' for loss estimates."""

@@ -246,6 +246,15 @@ class SwitchLM(GPT):
         return {'routing': choice.detach().cpu().numpy().astype(np.int16),
                 'routing_dropped': dropped.detach().cpu().numpy().astype(bool)}
 
+    def checkpoint_state(self):
+        """What a mid-trial checkpoint carries besides the weights: the training passes'
+        statistics that trial_metrics() averages (checkpoint.py)."""
+        return {'train_stats': list(self._train_stats)}
+
+    def load_checkpoint_state(self, state):
+        device = self.lm_head.weight.device
+        self._train_stats = [s.to(device) for s in state['train_stats']]
+
     def trial_metrics(self):
         """JSON-ready routing statistics. On the evaluation set (the batches passed through
         eval_extras, i.e. the trainer's predict pass):

@@ -4,7 +4,10 @@ file, and the Task objects through which train.py sees a dataset.
 
 A Task gives the trainer everything that depends on the data:
     n_classes, config_updates()        config fields the data fixes (vocab_size, ...)
-    train_batches(batch_size, gen)     iterator of training (x, y) CPU tensors
+    train_batches(batch_size, gen, start=0)
+                                       iterator of training (x, y) CPU tensors; from batch
+                                       `start` on of the stream `gen` (in its state now)
+                                       gives: a resumed trial restarts its stream bitwise
     get_batch(split, batch_size, gen)  (x, y) for loss estimates; stateless, so estimating
                                        a loss never disturbs the training stream
     eval_x, eval_y, eval_indices       the fixed reproducibility evaluation set
@@ -122,14 +125,18 @@ class CharTask:
     def config_updates(self):
         return {'vocab_size': self.n_classes}
 
-    def train_batches(self, batch_size, generator):
+    def train_batches(self, batch_size, generator, start=0):
+        for _ in range(start):  # the skipped batches' draws, without building their windows
+            self._starts(self.corpus.train, batch_size, generator)
         while True:  # random windows: there are no epochs in character LM training
             yield self.get_batch('train', batch_size, generator)
 
     def get_batch(self, split, batch_size, generator):
         data = self.corpus.train if split == 'train' else self.corpus.val
-        starts = torch.randint(len(data) - self.block_size - 1, (batch_size,), generator=generator)
-        return self._windows(data, starts)
+        return self._windows(data, self._starts(data, batch_size, generator))
+
+    def _starts(self, data, batch_size, generator):
+        return torch.randint(len(data) - self.block_size - 1, (batch_size,), generator=generator)
 
     def tokens_per_batch(self, batch_size):
         return batch_size * self.block_size

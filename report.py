@@ -178,5 +178,9 @@ def render_report(s):
     out += ["## Inputs", "", f"{p['n_trials']} trials from {len(p['files'])} files; git commits: "
             f"{', '.join(map(str, p.get('git_commits', [])))}; git dirty: {', '.join(map(str, p.get('git_dirtys', [])))}; torch: "
             f"{', '.join(map(str, p.get('torch_versions', [])))}; devices: {', '.join(map(str, p.get('device_names', [])))}.",
-            "SHA-256 of every input file: summary.json, provenance.files.", ""]
+            "SHA-256 of every input file: summary.json, provenance.files."]
+    resumed = p.get('resumed') or []
+    out += [f"Resumed from a mid-trial checkpoint after an interruption ({len(resumed)} trial(s)): "
+            + '; '.join(f"{r['trial']} at iteration {', '.join(map(str, r['resumed_from']))}" for r in resumed) + "."
+            if resumed else "No trial was resumed from a mid-trial checkpoint.", ""]
     return "\n".join(out)

@@ -12,20 +12,25 @@ holds the study designs and makes their jobs; sweep.py is the engine that runs t
     python run_all_experiments.py --study seed_full --executor ray --ray-address auto --ray-num-gpus 0.25
     python run_all_experiments.py --study mnist_ffn --task mnist1d --gated-width matched  # the FFN study
 
-Resume. A trial is done exactly when its result JSON exists and records the same identity
-(task, model, activation, trial, vary, seeds, config: train.existing_trial); done trials are
-skipped, --force reruns them. train.py writes a trial's .npz and then its JSON, each to a
-hidden temp file renamed into place, so a sweep killed at any moment (Ctrl-C, SIGKILL, power)
-leaves finished trials and nothing half-written; the next run finishes the grid. One sweep
-at a time per study: <study>/.sweep.lock is held while it runs, and on start the sweep
-removes temp files (.trial_*.tmp) that a killed run left behind.
+Resume. A trial is done exactly when its result JSON exists, records the same identity
+(task, model, activation, trial, vary, seeds, config: trial_files.existing_trial) and its .npz
+matches the hash the JSON records; done trials are skipped, --force reruns them. A damaged
+trial (unreadable JSON, .npz missing or changed) is reported, its files are moved to
+<study>/damaged/<time>/ and it is trained again. train.py writes a trial's .npz and then its
+JSON, each to a hidden temp file renamed into place, and a checkpoint (.trial_<k>.ckpt)
+every --checkpoint-every iterations, so a sweep killed at any moment (Ctrl-C, SIGKILL, power)
+leaves finished trials, checkpoints of running ones and nothing half-written; the next run
+finishes the grid, each interrupted trial continuing from its checkpoint. One sweep at a time
+per study: <study>/.sweep.lock is held while it runs, and on start the sweep removes temp
+files (.trial_*.tmp, ..trial_*.ckpt*.tmp) that a killed run left behind.
 
 Failures. A trial that raises (non-finite loss, out of memory, a bug), or whose worker
 process dies, is appended to <study>/failures.jsonl (a grid design: the cell's folder; model,
 activation, trial, config, error, traceback, time; one whole line per os.write, fsynced); the
 sweep goes on with the rest and
 exits 1 at the end naming the failed trials. Ctrl-C stops the running trials (they leave no
-result), says what finished, and exits 130; the same command resumes.
+result, only their last checkpoint), says what finished, and exits 130; the same command
+resumes. A worker that dies mid-trial leaves its checkpoint too: the retry continues from it.
 
 Parallel. --workers N runs N trials at once in spawned processes. On CPU each trial gets
 --threads torch threads (default: cores // N). Float reductions depend on the thread count,
@@ -55,9 +60,11 @@ from types import SimpleNamespace
 import torch
 
 import analyze_results
+import checkpoint
 import cli
 import sweep
 import train
+import trial_files
 from activation_names import ACTIVATION_NAMES, check_activation
 from config import Config, Parser
 from designs import DEFAULT_GRID, DESIGNS, GRID_FLAGS, cells as plan_cells, jobs as plan_jobs, study_names
@@ -91,8 +98,10 @@ mnist_ffn: python run_all_experiments.py --study mnist_ffn --task mnist1d [--gat
   cell under <results-dir>/mnist_ffn/<task>/gated_<same|matched>/h<width>_b<batch>_lr<lr>/, then
   writes the best-of-k report (summary.json, REPORT.md, plots/) in <task>/gated_<...>/.
 
-resume: a trial is skipped when its JSON exists with the same config and seeds (--force
-  reruns it); a result with a different config stops the sweep before any training.
+resume: a trial is skipped when its JSON exists with the same config and seeds and its .npz
+  is whole (--force reruns it); a damaged one is moved to <study>/damaged/ and trained again;
+  a result with a different config stops the sweep before any training. A trial killed
+  mid-way continues from its checkpoint (--checkpoint-every; --force starts it over).
 failures go to <study>/failures.jsonl (a grid design: each cell's); the sweep goes on and exits 1 naming them.
 before the first trial: names and values (the analysis's --baseline too), the device and
   dtype, the results folder, and memory (an estimate against what the device has available).
@@ -262,7 +271,7 @@ def make_plan(args):
     memory = plan_memory(models, activations, list(fulls.values()), ray, devices)
 
     opts = train.run_options(args, results_dir=results_dir, data_dir=data_dir, threads=threads, progress=False)
-    to_run, to_run_configs, done, conflicts = [], [], [], []
+    to_run, to_run_configs, done, conflicts, damaged = [], [], [], [], []
     for job in plan_jobs(study, root, cells, models, activations, trials):
         path, state = trial_state(job, opts, tasks)
         if state == 'done' and not args.force:
@@ -270,9 +279,10 @@ def make_plan(args):
         else:
             to_run.append(job)
             to_run_configs.append(fulls[_config_key(job['config'])])
-            if state not in ('absent', 'done') and not args.force:
+            if state.startswith('damaged'):  # set aside and trained again, also with --force
+                damaged.append((job, path, state))
+            elif state not in ('absent', 'done') and not args.force:
                 conflicts.append((path, state))
-
     if conflicts:
         path, state = conflicts[0]
         raise ValueError(f"{len(conflicts)} existing result(s) in {study_dir} belong to another config or seeds "
@@ -292,9 +302,9 @@ def make_plan(args):
             'models': models, 'activations': activations, 'trials': trials, 'to_run': to_run, 'done': done,
             'to_run_configs': to_run_configs, 'cells': [n for n, _ in cells if n],
             'grid': {k: list(dict.fromkeys(getattr(c, k) for _, c in cells)) for k in grid} if grid else None,
-            'opts': opts, 'slots': [replace(opts, device=d) for d in devices], 'workers': workers,
-            'threads': threads, 'execution': execution, 'executor': args.executor, 'ray': ray, 'vary': args.vary,
-            'memory': memory, 'data_note': data_note}
+            'damaged': damaged, 'opts': opts, 'slots': [replace(opts, device=d) for d in devices],
+            'workers': workers, 'threads': threads, 'execution': execution, 'executor': args.executor, 'ray': ray,
+            'vary': args.vary, 'memory': memory, 'data_note': data_note}
 
 
 def saved_data_fields(study_dir, kind, configs):
@@ -358,16 +368,16 @@ def _config_key(config):
 
 
 def trial_state(job, opts, tasks):
-    """(result path, train.existing_trial state) of a job, checked against the job's own
+    """(result path, trial_files.existing_trial state) of a job, checked against the job's own
     config and study; `tasks` caches the Task of each config."""
     key = _config_key(job['config'])
     if key not in tasks:
         tasks[key] = make_task(job['config'], opts.data_dir)
     task = tasks[key]
     full = replace(job['config'], **task.config_updates())
-    path = train.trial_path(opts.results_dir, job['study'], job['model'], job['activation'], job['trial'])
-    return path, train.existing_trial(path, train.trial_identity(task, job['model'], job['activation'],
-                                                                 job['trial'], opts.vary, full))
+    path = trial_files.trial_path(opts.results_dir, job['study'], job['model'], job['activation'], job['trial'])
+    return path, trial_files.existing_trial(path, trial_files.trial_identity(task, job['model'], job['activation'],
+                                                                             job['trial'], opts.vary, full))
 
 
 def describe(plan):
@@ -378,8 +388,9 @@ def describe(plan):
     cells = f"{len(plan['cells'])} cell(s) x " if plan['grid'] else ''
     lines = [what,
              f"  {cells}{len(plan['models'])} model(s) x {len(plan['activations'])} activation(s) x {plan['trials']} "
-             f"trial(s) = {n}: {len(plan['done'])} done, {len(plan['to_run'])} to run; vary {plan['vary']}"
-             + ('; deterministic' if plan['opts'].deterministic else ''),
+             f"trial(s) = {n}: {len(plan['done'])} done, {len(plan['to_run'])} to run"
+             + (f" ({len(plan['damaged'])} damaged, to train again)" if plan['damaged'] else '')
+             + f"; vary {plan['vary']}" + ('; deterministic' if plan['opts'].deterministic else ''),
              f"  models: {' '.join(plan['models'])}; activations: {' '.join(plan['activations'])}",
              *([f"  grid: {' x '.join(f'{k} ' + ' '.join(f'{v:g}' for v in vs) for k, vs in plan['grid'].items())} "
                 f"(one study folder per cell)"] if plan['grid'] else []),
@@ -396,11 +407,19 @@ def dry_run(plan):
     print(describe(plan))
     per, source, missing = estimate(plan)
     width = max([len(job_name(j)) for j in plan['to_run'] + plan['done']] + [10])
+    damaged = {id(job): (path, state) for job, path, state in plan['damaged']}
     for job, s in zip(plan['to_run'], per):
-        print(f"  to run  {job_name(job):{width}s}  " + (f"~{_fmt_seconds(s)}" if s is not None else 'no estimate'))
+        est = f"~{_fmt_seconds(s)}" if s is not None else 'no estimate'
+        if id(job) in damaged:
+            path, state = damaged[id(job)]
+            print(f"  damaged {job_name(job):{width}s}  {est}; {_show_path(path)} is {state}: its files would be "
+                  f"moved to {_show_path(os.path.join(plan['study_dir'], 'damaged'))}/<time>/ and the trial "
+                  f"trained again")
+        else:
+            print(f"  to run  {job_name(job):{width}s}  {est}")
     for job in plan['done']:
         print(f"  done    {job_name(job):{width}s}  " +
-              _show_path(train.trial_path(plan['results_dir'], job['study'], job['model'],
+              _show_path(trial_files.trial_path(plan['results_dir'], job['study'], job['model'],
                                                job['activation'], job['trial'])))
     known = [s for s in per if s is not None]
     if not plan['to_run']:
@@ -470,6 +489,11 @@ def _main(argv):
         strays = sweep.remove_stray_temp_files(plan['study_dir'])  # we hold the lock
         if strays:
             print(f"removed {strays} temp file(s) left by an interrupted run")
+        for job, path, state in plan['damaged']:  # kept aside, never deleted; trained again below
+            print(trial_files.set_aside_damaged(path, plan['study_dir'], state), flush=True)
+        for job in plan['done']:  # a kill between a trial's JSON and its checkpoint's removal
+            checkpoint.discard(checkpoint.checkpoint_path(trial_files.trial_path(
+                plan['results_dir'], job['study'], job['model'], job['activation'], job['trial'])))
         t0 = time.time()
         finished, failed, interrupted = sweep.run_sweep(plan, sweep.make_executor(plan))
         wall = time.time() - t0
@@ -482,7 +506,8 @@ def _main(argv):
         left = len(plan['to_run']) - len(finished) - len(failed)
         print(f"interrupted: {len(finished)} trial(s) finished in this run"
               + (f" ({', '.join(map(job_name, finished))})" if finished else '')
-              + f", {len(failed)} failed, {left} not finished (running ones were stopped and left no result); "
+              + f", {len(failed)} failed, {left} not finished (running ones were stopped and left no result, "
+              f"only their last checkpoint if any); "
               f"{len(plan['done']) + len(finished)} of {len(plan['done']) + len(plan['to_run'])} done in "
               f"{plan['study_dir']}. Run the same command again to resume.", file=sys.stderr)
         return cli.EXIT_INTERRUPT

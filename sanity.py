@@ -39,7 +39,7 @@ LM_LOSS_FLOOR = 0.5
 
 def _number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-# The random streams each --vary mode changes across trials (train.trial_seeds); the others
+# The random streams each --vary mode changes across trials (trial_files.trial_seeds); the others
 # must stay identical. Checked against the digests of the real streams the trainer records
 # ('streams' in the trial JSON), which works on any device: it needs no bitwise-equal predictions.
 STREAMS = ('init', 'data', 'dropout')

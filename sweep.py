@@ -11,8 +11,9 @@ sweep holds one train.RunOptions; each worker slot is a copy with its own device
 
 Executors share one interface: run(jobs) yields (job, outcome) as trials finish, and
 close(abort) stops them (abort: running trials are stopped and leave no result). An outcome
-is {'ok': True, 'val_loss', 'val_accuracy', 'seconds'} or {'ok': False, 'error',
-'traceback', 'seconds', 'host'}.
+is {'ok': True, 'val_loss', 'val_accuracy', 'seconds', 'resumed_from'} or {'ok': False,
+'error', 'traceback', 'seconds', 'host'}. A trial stopped or killed mid-way leaves its last
+checkpoint (checkpoint.py): its next run, in this sweep or the next, continues from it.
 """
 import datetime
 import glob
@@ -35,6 +36,7 @@ from tqdm import tqdm
 
 import train
 from cli import fmt_seconds
+from trial_files import trial_path
 from fileio import DATA_DIR_ENV, json_ready
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -130,7 +132,7 @@ def run_job(job, opts):
         r = train.run_trial(job['model'], job['activation'], job['trial'], job['config'], job['study'], opts)
         m = r['metrics']
         return {'ok': True, 'val_loss': m['val_loss'], 'val_accuracy': m['val_accuracy'],
-                'seconds': m['total_time']}
+                'seconds': m['total_time'], 'resumed_from': r.get('resumed_from') or []}
     except Exception as e:  # noqa: BLE001 -- a trial's failure of any kind is recorded, not fatal
         tb = traceback.format_exc()
         if opts.device.startswith('cuda'):
@@ -351,9 +353,10 @@ def failure_log(plan, job):
 
 
 def stray_temp_files(study_dir):
-    """Temp files of fileio.atomic_write (.trial_<k>.<ext>XXXX.tmp) left by a killed run,
-    at any depth below study_dir (jobs may write to study folders nested in it)."""
-    return sorted(glob.glob(os.path.join(study_dir, '**', '.trial_*.tmp'), recursive=True))
+    """Temp files of fileio.atomic_write left by a killed run (.trial_<k>.<ext>XXXX.tmp; a
+    half-written checkpoint: ..trial_<k>.ckptXXXX.tmp), at any depth below study_dir (jobs
+    may write to study folders nested in it)."""
+    return sorted(glob.glob(os.path.join(study_dir, '**', '.*trial_*.tmp'), recursive=True))
 
 
 def remove_stray_temp_files(study_dir):
@@ -407,7 +410,9 @@ def run_sweep(plan, executor_factory):
     """Run plan['to_run'] (plan['done'] counts toward the progress) through the executor
     that executor_factory() makes; a failure goes to the failures.jsonl of its job's study
     folder (<results dir>/<job's study>: a grid design's cell, else the study), with the
-    job's config. Returns (finished, failed, interrupted)."""
+    job's config. Returns (finished, failed, interrupted); after an interrupt, finished also
+    holds the trials whose JSON (under plan['opts'].results_dir) was written in this run."""
+    t_start = time.time()
     to_run, done = plan['to_run'], plan['done']
     total = len(to_run) + len(done)
     finished, failed, interrupted = [], [], False
@@ -420,8 +425,11 @@ def run_sweep(plan, executor_factory):
             count = f"[{len(done) + len(finished) + len(failed) + 1}/{total}]"
             if out['ok']:
                 finished.append(job)
+                resumed = out.get('resumed_from')
                 bar.write(f"{count} {job_name(job)}: val loss {out['val_loss']:.4f}  accuracy "
-                          f"{out['val_accuracy']:.4f}  {out['seconds']:.1f} s", file=sys.stdout)
+                          f"{out['val_accuracy']:.4f}  {out['seconds']:.1f} s"
+                          + (f"  (resumed from iteration {', '.join(map(str, resumed))})" if resumed else ''),
+                          file=sys.stdout)
                 if len(finished) == 1 and len(to_run) > 1 + len(failed):
                     bar.write(projection(plan, out['seconds'], len(to_run) - 1 - len(failed)), file=sys.stdout)
             else:
@@ -444,7 +452,18 @@ def run_sweep(plan, executor_factory):
                 executor.close(abort=interrupted)
             except KeyboardInterrupt:  # a second Ctrl-C: do not wait for anything
                 interrupted = True
+    if interrupted:  # a trial that wrote its JSON just before the stop, but never reported back
+        finished += [j for j in to_run if j not in finished + failed and written_since(j, plan['opts'], t_start)]
     return finished, failed, interrupted
+
+
+def written_since(job, opts, since):
+    """Whether the job's result JSON was written after `since` (a time.time())."""
+    try:
+        return os.path.getmtime(trial_path(opts.results_dir, job['study'], job['model'], job['activation'],
+                                           job['trial'])) >= since
+    except OSError:
+        return False
 
 
 def make_executor(plan):

@@ -10,7 +10,13 @@ so the analysis can check that exactly the varied ones differ, and, for language
 whether the trained model sees the future (metrics.causality_max_change).
 Each trial writes <results-dir>/<study>/<model>/<activation>/trial_<k>.npz (softmax on the
 fixed evaluation set) and then trial_<k>.json (metrics, history, provenance), both
-atomically: a trial is done exactly when its JSON exists.
+atomically: a trial is done exactly when its JSON is whole and its own and its .npz matches
+the JSON (trial_files.py); a damaged one is set aside and trained again.
+
+Every --checkpoint-every iterations (default: every evaluation point) the trial saves a
+checkpoint beside its result (.trial_<k>.ckpt, checkpoint.py); a trial started again after
+a kill continues from it, bitwise as if never interrupted, and records where it resumed
+("resumed_from": [iterations]).
 
 The trainer only talks to the data through a Task (prepare_data.py) and to the model
 through forward(x, targets) -> (logits, loss). A model may also set `self.aux_loss`
@@ -39,18 +45,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoint
 from activations import ACTIVATION_NAMES
 from cli import (EXIT_FAILURE, EXIT_INTERRUPT, EXIT_USAGE, ProgressLog, check_writable, exit_help,
                  os_error_message, stop_promptly_on_ctrl_c)
-from config import Config, Parser, add_config_args, config_from_args
+from config import Parser, add_config_args, config_from_args
 from fileio import DataError, atomic_write, sha256_file, write_json
 from model_factories import (ALL_MODEL_NAMES, build_model, check_activation, check_memory, check_model,
                              count_parameters, model_kind)
 from prepare_data import make_task
 from trial_checks import causality_probe, stream_fingerprints
+from trial_files import VARY_MODES, existing_trial, set_aside_damaged, trial_identity, trial_path, trial_seeds
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
-VARY_MODES = ('all', 'init', 'data', 'dropout', 'none')
 SCHEMA_VERSION = 1
 
 
@@ -73,25 +80,15 @@ class RunOptions:
     force: bool = False            # rerun (overwrite) a trial whose result exists
     threads: int | None = None     # torch CPU threads (None: leave as is)
     progress: bool = True          # a progress bar on a terminal
+    checkpoint_every: int | None = None  # iterations between mid-trial checkpoints (None: every
+                                         # evaluation point; 0: none)
+
+    def __post_init__(self):
+        if self.checkpoint_every is not None and self.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}")
 
 
-# ----------------------------------------------------------------------------- seeds, files
-
-def trial_seeds(seed_base, trial, vary):
-    """The three seeds of trial `trial`: those named by `vary` follow the trial, the rest
-    stay at seed_base so that only the chosen source of randomness differs between trials."""
-    if vary not in VARY_MODES:
-        raise ValueError(f"unknown vary mode {vary!r}; valid: {', '.join(VARY_MODES)}")
-    s = seed_base + trial
-    return {'trial_seed': s,
-            'init': s if vary in ('all', 'init') else seed_base,
-            'data': s if vary in ('all', 'data') else seed_base,
-            'dropout': s if vary in ('all', 'dropout') else seed_base}
-
-
-def trial_path(results_dir, study, model, activation, trial, ext='json'):
-    return os.path.join(results_dir, study, model, activation, f'trial_{trial}.{ext}')
-
+# ----------------------------------------------------------------------------- seeds, provenance
 
 def seed_dropout_stream(seed):
     """Seed the global RNG that dropout and router jitter draw from. torch.manual_seed seeds
@@ -100,35 +97,6 @@ def seed_dropout_stream(seed):
     model is built and on its device, and nothing seeds the global RNG after it before the
     first step: no later seeding call (the init seed's, say) can take its place."""
     torch.manual_seed(seed)
-
-
-def trial_identity(task, model_name, activation, trial, vary, config):
-    """What a saved result must match to count as this trial (see existing_trial); `config`
-    is the run's config with the task's config_updates() applied, as run_trial records it."""
-    return {'task': task.kind, 'model': model_name, 'activation': activation, 'trial': trial,
-            'vary': vary, 'seeds': trial_seeds(config.seed_base, trial, vary), 'config': config.to_dict()}
-
-
-def existing_trial(path, identity):
-    """'absent' if no result JSON; 'done' if it holds this trial (same identity: config,
-    seeds, vary, task, model); otherwise a string saying how it differs."""
-    if not os.path.exists(path):
-        return 'absent'
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except (OSError, ValueError) as e:
-        return f"unreadable ({e})"
-    diffs = []
-    for key, value in identity.items():
-        if key == 'config':
-            old_cfg = old.get('config', {})
-            # a field added to Config after the old run is no difference while at its default
-            diffs += [f"{k}: {old_cfg.get(k)!r} -> {v!r}" for k, v in value.items() if old_cfg.get(k) != v
-                      and (k in old_cfg or v != getattr(Config, k, None))]
-        elif old.get(key) != value:
-            diffs.append(f"{key}: {old.get(key)!r} -> {value!r}")
-    return 'done' if not diffs else 'different (' + '; '.join(diffs) + ')'
 
 
 def _git(*args):
@@ -296,7 +264,9 @@ def predict(model, task, device, amp, batch_size=256):
 def run_trial(model_name, activation, trial, config, study, opts=RunOptions()):
     """Train one trial and save its .npz and .json under opts.results_dir/study. Returns the
     result record. If the trial is already done (same identity) and not opts.force, returns
-    the saved record. A result with a different identity is never overwritten without force."""
+    the saved record. A result with a different identity is never overwritten without force;
+    a damaged one is set aside and the trial trained again. A usable mid-trial checkpoint of
+    the trial is resumed from unless opts.force (checkpoint.py)."""
     t_start = time.time()
     started_at = datetime.datetime.now().astimezone().isoformat()
     check_model(model_name)
@@ -304,6 +274,7 @@ def run_trial(model_name, activation, trial, config, study, opts=RunOptions()):
     vary = opts.vary
     seeds = trial_seeds(config.seed_base, trial, vary)
     study = study or 'default'
+    study_dir = os.path.join(opts.results_dir, study)
     json_path = trial_path(opts.results_dir, study, model_name, activation, trial)
     npz_path = json_path[:-len('json')] + 'npz'
     dev = resolve_device(opts.device)
@@ -319,16 +290,19 @@ def run_trial(model_name, activation, trial, config, study, opts=RunOptions()):
     identity = trial_identity(task, model_name, activation, trial, vary, config)
     state = existing_trial(json_path, identity)
     if state == 'done' and not opts.force:
+        checkpoint.discard(checkpoint.checkpoint_path(json_path))  # a kill between the JSON and its removal
         with open(json_path) as f:
             return json.load(f)
-    if state != 'absent' and not opts.force:
+    if state.startswith('damaged'):
+        _note(set_aside_damaged(json_path, study_dir, state))
+    elif state != 'absent' and not opts.force:
         raise FileExistsError(f"{json_path} exists and is {state}; use another --study or "
                               f"--results-dir, or --force to overwrite it")
 
     set_determinism(opts.deterministic, dev)
     # three streams: data from its own generator, init from its own seeded fork inside
     # build_model, dropout (and router jitter) from the global RNG, seeded last of all
-    train_stream = task.train_batches(config.batch_size, torch.Generator().manual_seed(seeds['data']))
+    data_gen = torch.Generator().manual_seed(seeds['data'])
     model = build_model(model_name, activation, config, seed=seeds['init']).to(dev)
     n_params = count_parameters(model)
     optimizer = make_optimizer(model, config, dev)
@@ -343,14 +317,31 @@ def run_trial(model_name, activation, trial, config, study, opts=RunOptions()):
     history = {'iter': [], 'train_loss': [], 'val_loss': [], 'lr': [], 'grad_norm': []}
     best_val, best_state, evals_since_best, stopped_early_at = math.inf, None, 0, None
     eval_time, last_loss, grad_norm = 0.0, float('nan'), None
+    it, train_elapsed, resumed_from = 0, 0.0, []
+    # a checkpoint is resumed only by the same trial run the same way (bitwise continuation)
+    ckpt = checkpoint.TrialCheckpoints(
+        json_path, {**identity, 'run': {'device': dev.type, 'dtype': str(amp_dtype), 'compile': opts.compile,
+                                        'deterministic': opts.deterministic, 'threads': torch.get_num_threads()}},
+        config.eval_interval if opts.checkpoint_every is None else opts.checkpoint_every, study_dir, dev, data_gen)
+    loop = ckpt.resume(opts.force, model, optimizer, data_gen, lambda line: _note(f"{model_name}/{activation} "
+                                                                                  f"trial {trial}: {line}"))
+    if loop:  # streams too: they were taken at iteration 0, which a resumed trial never reaches
+        (it, history, best_val, best_state, evals_since_best, eval_time, train_elapsed, started_at, streams) = (
+            loop[k] for k in ('iter', 'history', 'best_val', 'best_state', 'evals_since_best', 'eval_time',
+                              'training_time', 'started_at', 'streams'))
+        resumed_from = loop['resumed_from'] + [it]
+        t_start -= loop['total_time']
+    train_stream = task.train_batches(config.batch_size, data_gen, start=it * config.grad_accum_steps)
     # on CUDA, reading the loss forces a sync: read it every 10 steps there, every step on CPU
     check_every = 10 if dev.type == 'cuda' else 1
     bar = _progress(config.max_iters, f"{model_name}/{activation} trial {trial}", opts.progress)
-    log = ProgressLog(f"{model_name}/{activation} trial {trial}", config.max_iters, n_evaluations(config))
-    t_train = time.time()
-    it = 0
+    bar.update(it)
+    log = ProgressLog(f"{model_name}/{activation} trial {trial}", config.max_iters, n_evaluations(config),
+                      start=it, start_eval_time=eval_time)
+    t_train = time.time() - train_elapsed
     while True:
-        if it % config.eval_interval == 0 or it == config.max_iters:
+        # a resumed trial's evaluation at the iteration it resumed at is in the checkpoint
+        if (it % config.eval_interval == 0 or it == config.max_iters) and it != ckpt.resumed_at:
             t0 = time.time()
             losses = estimate_loss(step_model, task, config, dev, amp)
             eval_time += time.time() - t0
@@ -372,6 +363,14 @@ def run_trial(model_name, activation, trial, config, study, opts=RunOptions()):
                         break
         if it == config.max_iters:
             break
+        if ckpt.due(it):
+            now = time.time()
+            ckpt.save(it, it * config.grad_accum_steps, model, optimizer, {
+                'history': history, 'best_val': best_val, 'best_state': best_state,
+                'evals_since_best': evals_since_best, 'eval_time': eval_time, 'training_time': now - t_train,
+                'total_time': now - t_start, 'started_at': started_at, 'resumed_from': resumed_from,
+                'streams': streams})
+        checkpoint.before_step()  # a test hook: no-op unless REPRO_TEST_KILL_AT is set
         lr = lr_at(it, config)
         for group in optimizer.param_groups:
             group['lr'] = lr
@@ -404,7 +403,7 @@ def run_trial(model_name, activation, trial, config, study, opts=RunOptions()):
         'train_loss': final['train'], 'val_loss': final['val'],
         'val_accuracy': val_acc, 'token_accuracy': token_acc,
         'perplexity': math.exp(final['val']) if task.kind == 'lm' else None,  # exp(val loss in nats)
-        'training_time': training_time, 'eval_time': eval_time,
+        'training_time': training_time, 'eval_time': eval_time, 'checkpoint_time': ckpt.time,
         'tokens_per_sec': iters_done * config.grad_accum_steps * task.tokens_per_batch(config.batch_size)
                           / max(1e-9, training_time - eval_time),
         'n_params': n_params, 'iters': iters_done, 'stopped_early_at': stopped_early_at,
@@ -432,17 +431,23 @@ def run_trial(model_name, activation, trial, config, study, opts=RunOptions()):
         'deterministic': opts.deterministic, 'dtype': str(amp_dtype or torch.float32).replace('torch.', ''),
         'data': task.data_info, 'eval_hash': task.eval_hash,
         'predictions_file': os.path.basename(npz_path), 'predictions_sha256': sha256_file(npz_path),
-        'streams': streams, 'metrics': metrics, 'history': history,
+        'streams': streams, 'metrics': metrics, 'history': history, 'resumed_from': resumed_from,
         'provenance': {**provenance(dev, opts.deterministic), 'started_at': started_at,
                        'finished_at': datetime.datetime.now().astimezone().isoformat()},
     }
     write_json(json_path, record)
+    ckpt.discard()  # the trial is done: its JSON holds everything
     return record
 
 
 def n_evaluations(config):
     """Loss estimates in a trial that runs to max_iters: every eval_interval steps and at the end."""
     return config.max_iters // config.eval_interval + 1 + bool(config.max_iters % config.eval_interval)
+
+
+def _note(line):
+    """A one-line report (damaged result set aside, checkpoint refused) while training goes on."""
+    print(line, file=sys.stderr, flush=True)
 
 
 class _NoBar:
@@ -474,7 +479,11 @@ def add_run_args(parser):
     parser.add_argument('--data', default=None, help='a UTF-8 text file to train on (sets --dataset)')
     parser.add_argument('--data-dir', default=None, help='where corpora live (default: $REPRO_DATA_DIR or ./data)')
     parser.add_argument('--save-checkpoints', action='store_true', help='also save trial_<k>.pt')
-    parser.add_argument('--force', action='store_true', help='rerun trials whose results exist')
+    parser.add_argument('--force', action='store_true',
+                        help='rerun trials whose results exist, and start over those with a checkpoint')
+    parser.add_argument('--checkpoint-every', type=int, default=None, metavar='N',
+                        help='iterations between mid-trial checkpoints, which a killed trial resumes from '
+                             '(default: every evaluation point; 0: none)')
     add_config_args(parser)
 
 
@@ -490,14 +499,14 @@ def run_options(args, **changes):
     return replace(RunOptions(results_dir=args.results_dir, vary=args.vary, device=args.device, dtype=args.dtype,
                               deterministic=args.deterministic, compile=args.compile, data_dir=args.data_dir,
                               save_checkpoints=args.save_checkpoints, force=args.force,
-                              threads=args.threads), **changes)
+                              threads=args.threads, checkpoint_every=args.checkpoint_every), **changes)
 
 
 def preflight(args, config, study):
     """Everything a train.py run can be refused for, checked before its first trial: the
     data, device and dtype, results of another config, the results folder, memory.
     Raises ValueError or DataError (usage errors) or OSError; returns the state of each
-    trial ('absent' or 'done'; 'done' ones are skipped unless --force)."""
+    trial ('absent', 'done': skipped unless --force, or 'damaged (why)': set aside and retrained)."""
     dev = resolve_device(args.device)
     autocast_dtype(args.dtype, dev)
     # memory before the data: an impossible block_size makes GBs of evaluation windows. Without
@@ -513,7 +522,7 @@ def preflight(args, config, study):
                              trial_identity(task, args.model, args.activation, k, args.vary, full)) for k in ks]
     if not args.force:
         for k, state in zip(ks, states):
-            if state not in ('absent', 'done'):
+            if state not in ('absent', 'done') and not state.startswith('damaged'):
                 raise ValueError(f"{trial_path(args.results_dir, study, args.model, args.activation, k)} exists "
                                  f"and is {state}; use another --study or --results-dir, or --force to "
                                  f"overwrite it")
@@ -557,19 +566,21 @@ def main(argv=None):
         if args.trials < 1 or args.first_trial < 0:
             raise ValueError("--trials must be >= 1 and --first-trial >= 0")
         states = preflight(args, config, study)
+        opts = run_options(args)  # checks --checkpoint-every
     except (ValueError, DataError) as e:
         parser.exit(EXIT_USAGE, f"error: {' '.join(str(e).split())}\n")
     except OSError as e:
         parser.exit(EXIT_FAILURE, f"error: {os_error_message(e)}\n")
 
-    rows, trained, opts = [], 0, run_options(args)
+    rows, trained = [], 0
     for k, state in zip(range(args.first_trial, args.first_trial + args.trials), states):
         name = f"{args.model}/{args.activation} trial {k}"
         try:
             r = run_trial(args.model, args.activation, k, config, study, opts)
         except KeyboardInterrupt:
-            parser.exit(EXIT_INTERRUPT, f"interrupted: {name} stopped and left no result; {len(rows)} trial(s) "
-                                        f"done before it. Run the same command again to resume.\n")
+            parser.exit(EXIT_INTERRUPT, f"interrupted: {name} stopped and left no result (only its last checkpoint, "
+                                        f"if it reached one); {len(rows)} trial(s) done before it. Run the same "
+                                        f"command again to resume.\n")
         except (DataError, ValueError, FileExistsError) as e:
             parser.exit(EXIT_USAGE, f"error: {name}: {e}\n")
         except TrainingError as e:
@@ -586,7 +597,8 @@ def main(argv=None):
         print(f"{name}: " + ("already done (skipped): " if skipped else '') +
               f"val loss {m['val_loss']:.4f}  val acc {m['val_accuracy']:.4f}  train loss {m['train_loss']:.4f}  " +
               (f"(saved {r['provenance'].get('finished_at', '?')[:19]})" if skipped else
-               f"{m['total_time']:.1f}s all-in ({m['tokens_per_sec']:,.0f} tok/s)"))
+               f"{m['total_time']:.1f}s all-in ({m['tokens_per_sec']:,.0f} tok/s)") +
+              (f"  resumed from iteration {', '.join(map(str, r['resumed_from']))}" if r.get('resumed_from') else ''))
     vl = np.array([m['val_loss'] for m in rows])
     print(f"{len(rows)} trial(s) ({trained} trained, {len(rows) - trained} already done) in "
           f"{os.path.join(args.results_dir, study, args.model, args.activation)}: "

@@ -157,6 +157,19 @@ def test_progress_lines_for_logs():
     assert quiet.getvalue() == ''
 
 
+def test_progress_lines_of_a_resumed_trial_measure_from_the_resume():
+    out = io.StringIO()  # resumed at iteration 500000 with 100 s of evaluation behind it
+    log = cli.ProgressLog('m/a trial 0', total=10 ** 6, evals_total=11, every=30.0, warmup=2, stream=out,
+                          start=500_000, start_eval_time=100.0)
+    log.update(500_001, 2.5, 100.0, 6)
+    time.sleep(0.01)
+    log.update(500_002, 2.4, 100.0, 6)
+    text = out.getvalue()
+    assert 'm/a trial 0: resumed at iteration 500000: projected time of the rest ~' in text, text
+    # >= 10 ms over the 2 steps of this run (not over 500002 steps, nor less the earlier evaluations)
+    assert float(text.split('(')[1].split(' ms per step')[0]) >= 4
+
+
 def test_ctrl_c_stops_even_inside_a_long_torch_operation(tmp_path):
     script = tmp_path / 'stuck.py'
     script.write_text(f"import sys, torch\nsys.path.insert(0, {ROOT!r})\nimport cli\ntorch.set_num_threads(1)\n"
@@ -182,7 +195,8 @@ def test_ctrl_c_during_a_trial_exits_130_and_leaves_no_result(corpus, tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == cli.EXIT_INTERRUPT
     assert 'interrupted: minigpt/relu trial 0 stopped and left no result' in one_line(err)
-    assert not [f for _, _, fs in os.walk(tmp_path) for f in fs]
+    # only the mid-trial checkpoint (one every 2 steps) that the same command resumes from
+    assert [f for _, _, fs in os.walk(tmp_path) for f in fs] == ['.trial_0.ckpt']
 
 
 # ----------------------------------------------------------------------------- items 4, 5, 6: compare, report, timing

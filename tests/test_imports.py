@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 TORCH_FREE = ('analyze_results', 'metrics', 'plot_utils', 'routing_metrics', 'activation_names', 'fileio', 'sanity', 'report',
-              'ffn_report')
+              'trial_files', 'ffn_report')
 
 
 def project_modules():

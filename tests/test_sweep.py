@@ -13,7 +13,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
+import checkpoint
 import run_all_experiments as rae
 import sweep
 import time_estimate
@@ -54,8 +56,8 @@ def assert_same_predictions(a, b):
 
 
 def assert_every_file_parses(results):
-    """Every file under results is a whole JSON / npz / JSON-lines file (or the sweep lock);
-    no temp file is left."""
+    """Every file under results is a whole JSON / npz / JSON-lines file, a whole mid-trial
+    checkpoint (or the sweep lock); no temp file is left."""
     for path in glob.glob(os.path.join(str(results), '**', '*'), recursive=True) + \
             glob.glob(os.path.join(str(results), '**', '.*'), recursive=True):
         if os.path.isdir(path):
@@ -71,6 +73,9 @@ def assert_every_file_parses(results):
             with open(path) as f:
                 for line in f:
                     json.loads(line)
+        elif name.startswith('.trial_') and name.endswith('.ckpt'):
+            state = torch.load(path, map_location='cpu', weights_only=True)
+            assert set(checkpoint.FIELDS) <= set(state) and state['iter'] > 0, path
         elif name != '.sweep.lock':
             raise AssertionError(f"unexpected file in results: {path}")
 
@@ -298,6 +303,19 @@ def test_sigkill_at_a_random_moment_then_restart_finishes_each_trial_once(corpus
     assert len(glob.glob(str(results / 's' / '*' / '*' / 'trial_*.json'))) == 12
     assert len(glob.glob(str(results / 's' / '*' / '*' / 'trial_*.npz'))) == 12
     assert_every_file_parses(results)  # and no stray temp file left
+
+
+def test_stray_temp_files_include_half_written_checkpoints(tmp_path):
+    """The names fileio.atomic_write gives its temp files (.<name>XXXX.tmp): of a result, and
+    of a checkpoint (.trial_<k>.ckpt, itself hidden); whole files are never strays."""
+    folder = tmp_path / 's' / 'minigpt' / 'relu'
+    folder.mkdir(parents=True)
+    strays = ['.trial_0.npzab12cd.tmp', '.trial_0.jsonef34gh.tmp', '..trial_1.ckptij56kl.tmp']
+    for name in strays + ['trial_0.json', 'trial_0.npz', '.trial_1.ckpt']:
+        (folder / name).write_bytes(b'x')
+    assert sorted(map(os.path.basename, sweep.stray_temp_files(str(tmp_path / 's')))) == sorted(strays)
+    assert sweep.remove_stray_temp_files(str(tmp_path / 's')) == 3
+    assert sorted(os.listdir(folder)) == ['.trial_1.ckpt', 'trial_0.json', 'trial_0.npz']
 
 
 def test_ctrl_c_stops_cleanly_and_says_what_finished(corpus, tmp_path):
