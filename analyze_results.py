@@ -15,6 +15,9 @@ A trial counts only if its JSON parses and its .npz loads and matches the record
 any other file is listed with the reason and skipped. Inputs are checked before anything is
 written, and every output goes to a temp file that is then renamed into place, so bad input
 overwrites nothing.
+
+A folder of study folders (the mnist_ffn design's <results>/mnist_ffn/<task>/gated_<mode>/,
+one study per grid cell) gets the FFN study's report instead: ffn_report.py.
 """
 import argparse
 import glob
@@ -27,13 +30,14 @@ import sys
 
 import numpy as np
 
+import ffn_report
 import metrics
 import plot_utils
 import routing_metrics
 import sanity
 from cli import EXIT_FAILURE, EXIT_INTERRUPT, EXIT_USAGE, check_writable, exit_help, os_error_message
 from config import Parser
-from fileio import atomic_write, json_ready, write_json
+from fileio import AnalysisError, json_ready, write_json, write_text
 from report import num, render_report
 from run_info import config_differences, differences_md, study_info, study_labels, with_study_header
 
@@ -45,10 +49,6 @@ MOE_METRICS = ('moe_dropped_fraction', 'moe_router_entropy', 'moe_aux_loss', 'mo
 REQUIRED_METRICS = ('train_loss', 'val_loss', 'val_accuracy', 'training_time')
 PROVENANCE_KEYS = ('git_commit', 'git_dirty', 'torch_version', 'cuda_version', 'device', 'device_name',
                    'deterministic', 'python_version', 'hostname')
-
-
-class AnalysisError(ValueError):
-    """Input the analysis cannot use at all; the message names the problem and the choices."""
 
 
 class BadFile(Exception):
@@ -324,10 +324,11 @@ def verdict(res, na, nb, m):
 
 # ----------------------------------------------------------------------------- the whole study
 
-def build_summary(study_dir, baseline=None):
+def build_summary(study_dir, baseline=None, loaded=None):
     """The summary dict of a study, in memory (nothing written). baseline=None: relu where the
-    study has it; a name the study does not have raises AnalysisError."""
-    trials, bad, failures = load_study(study_dir)
+    study has it; a name the study does not have raises AnalysisError. loaded: what
+    load_study(study_dir) returned, if the caller has it already."""
+    trials, bad, failures = loaded or load_study(study_dir)
     if not trials:
         reasons = '; '.join(f"{b['path']}: {b['reason']}" for b in bad[:3])
         raise AnalysisError(f"no usable trial results under {study_dir!r} (looked for "
@@ -403,14 +404,12 @@ def build_summary(study_dir, baseline=None):
 
 # ----------------------------------------------------------------------------- writing
 
-def write_text(path, text):
-    atomic_write(path, lambda f: f.write(text.encode('utf-8')))
-
-
 def analyze(study_dir, plots_dir=None, baseline=None, plots=True, verbose=True):
     """Analyse a study folder: write summary.json and REPORT.md in it and the plots in
     plots_dir (default <study_dir>/plots); return the summary dict. Raises AnalysisError on
     input it cannot use, before writing anything."""
+    if ffn_report.is_study_grid(study_dir):  # a grid design's root (mnist_ffn): one study per cell
+        return ffn_report.analyze_ffn(study_dir, load_study, build_summary, plots_dir, baseline, plots, verbose)
     # json_ready (fileio's one rule: a non-finite number is null) before the report and the
     # plots, so that they show exactly what summary.json holds
     summary = json_ready(build_summary(study_dir, baseline))
@@ -433,7 +432,8 @@ def summary_figures(study_dir):
     path = os.path.join(study_dir, 'summary.json')
     try:
         with open(path, encoding='utf-8') as f:
-            return plot_utils.figures(json.load(f))
+            s = json.load(f)
+        return plot_utils.ffn_figures(s) if s.get('kind') == ffn_report.FFN_KIND else plot_utils.figures(s)
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise AnalysisError(f"cannot plot {path} ({type(e).__name__}: {e}); run without --plots-only to (re)create it")
 

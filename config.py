@@ -32,10 +32,11 @@ class Config:
     router_jitter: float = _f(0.0, 'switchlm: training router input *= U(1-eps, 1+eps) from the dropout RNG')
     aux_loss_coef: float = _f(0.01, 'switchlm: load-balancing loss weight')
     z_loss_coef: float = _f(0.001, 'switchlm: router z-loss weight (ST-MoE)')
-    # feed-forward classifier (ffn only; the language models ignore these; see mnist.py)
-    hidden: int = _f(16, 'ffn: ungated hidden width (gated activations: round(2/3 hidden))')
+    # feed-forward classifier (ffn only; the language models ignore these; see model.FFN)
+    hidden: int = _f(16, 'ffn: hidden units per layer (ungated; gated: see gated_width)')
     depth: int = _f(1, 'ffn: hidden layers')
     n_inputs: int = _f(0, 'ffn: input features; 0: taken from the data (784 mnist, 40 mnist1d)')
+    gated_width: str = _f('same', "ffn: gated units: 'same' as hidden (the original), or 'matched' parameter count")
     # data
     dataset: str = _f('shakespeare_char', 'shakespeare_char, mnist, mnist1d, or the path of any UTF-8 text file')
     # optimisation (AdamW)
@@ -92,6 +93,8 @@ class Config:
                              f"{self.capacity_factor}, {self.router_init_scale}")
         if not 0.0 <= self.router_jitter < 1.0:
             raise ValueError(f"router_jitter must be in [0, 1), got {self.router_jitter}")
+        if self.gated_width not in GATED_WIDTHS:
+            raise ValueError(f"unknown gated_width {self.gated_width!r}; valid: {', '.join(GATED_WIDTHS)}")
         if not (self.aux_loss_coef >= 0 and self.z_loss_coef >= 0):
             raise ValueError(f"aux_loss_coef and z_loss_coef must be >= 0, got "
                              f"{self.aux_loss_coef}, {self.z_loss_coef}")
@@ -102,6 +105,7 @@ class Config:
 
 
 LR_SCHEDULES = ('constant', 'cosine')
+GATED_WIDTHS = ('same', 'matched')  # see model.ffn_units
 
 # Presets of the original study (cpu, gpu_lite, gpu, and gpu_full from config_full_gpu.py),
 # plus cpu_reference: the CPU example of a well-known reference trainer (nanoGPT's
@@ -117,8 +121,8 @@ PRESETS = {
                           learning_rate=1e-3, lr_schedule='cosine', warmup_iters=100,
                           lr_decay_iters=2000, min_lr=1e-4, weight_decay=0.1, beta2=0.99,
                           grad_clip=1.0, bias=False),
-    # feed-forward classifier on MNIST-1D (offline; --dataset mnist for MNIST), as in the FFN
-    # study of mnist.py: one epoch, no dropout; eval set = the validation split
+    # feed-forward classifier on MNIST-1D (offline; --dataset mnist for MNIST), the preset of
+    # the mnist_ffn design: one epoch, no dropout; eval set = the validation split
     'mnist_ffn': dict(dataset='mnist1d', hidden=16, depth=1, epochs=1, batch_size=64,
                       learning_rate=1e-3, dropout=0.0, eval_interval=100, eval_iters=20),
 }
@@ -165,6 +169,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+FLAG_ALIASES = {'gated_width': ('--gated-width',)}  # the FFN study's flag, as the original spelled it
+
+
 def preset_defaults(name):
     """'default X' and the presets where it differs: 'default 128; gpu 256, gpu_full 384'."""
     base = getattr(Config, name)
@@ -182,8 +189,8 @@ def add_config_args(parser, only=None):
         if only is not None and f.name not in only:
             continue
         kind = _bool if f.type is bool else f.type  # int('1e3') fails: a clear type error
-        group.add_argument(f'--{f.name}', type=kind, default=None, metavar=f.type.__name__.upper(),
-                           help=f"{f.metadata['help']} ({preset_defaults(f.name)})")
+        group.add_argument(f'--{f.name}', *FLAG_ALIASES.get(f.name, ()), dest=f.name, type=kind, default=None,
+                           metavar=f.type.__name__.upper(), help=f"{f.metadata['help']} ({preset_defaults(f.name)})")
 
 
 def config_from_args(args):

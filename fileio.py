@@ -2,12 +2,15 @@
 Files, shared by the trainer, the data and the analysis (standard library only: the
 analysis and plotting side must not import torch):
 
-    atomic_write, write_json    results, reports and plots, never half-written
+    atomic_write, write_json,   results, reports and plots, never half-written
+    write_text
     set_aside                   damaged results and refused checkpoints moved out of the
                                 way (to <study>/damaged/<time>/), never deleted
     data_dir, fetch_verified    where data lives; a data file checked by its digest and
                                 downloaded once if absent (both corpora: prepare_data, mnist)
     DataError                   a missing, corrupt or unusable data file
+    AnalysisError               result files the analysis cannot use at all (analyze_results,
+                                ffn_report)
 """
 import hashlib
 import json
@@ -23,6 +26,10 @@ DATA_DIR_ENV = 'REPRO_DATA_DIR'
 
 class DataError(Exception):
     """A missing, corrupt or unusable data file; the message says what to do."""
+
+
+class AnalysisError(ValueError):
+    """Input the analysis cannot use at all; the message names the problem and the choices."""
 
 
 # ----------------------------------------------------------------------------- writing
@@ -70,6 +77,11 @@ def write_json(path, obj):
     """obj as indented strict JSON (non-finite floats as null: json_ready), atomically."""
     text = json.dumps(json_ready(obj), indent=1, allow_nan=False) + '\n'
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_text(path, text):
+    """text as UTF-8, atomically."""
+    atomic_write(path, lambda f: f.write(text.encode('utf-8')))
 
 
 def set_aside(paths, root):

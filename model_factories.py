@@ -7,7 +7,6 @@ weights are initialised from `seed` without touching the caller's random state.
 
 `python model_factories.py --config cpu` prints parameter counts for every model x activation.
 """
-import sys
 from dataclasses import replace
 
 import torch
@@ -15,14 +14,13 @@ import torch
 from activations import ACTIVATION_NAMES, check_activation
 from cli import EXIT_HELP, EXIT_USAGE
 from config import Parser, add_config_args, config_from_args
-from model import MODELS as _BASE_MODELS
-from mnist import FFN
+from model import FFN, MODELS as _BASE_MODELS
 from moe import SwitchLM
 
 # switchlm lives in moe.py (it builds on model.py's blocks, so model.py cannot import it)
 MODELS = {**_BASE_MODELS, 'switchlm': SwitchLM}
 MODEL_NAMES = list(MODELS)  # the language models (tests iterate over these)
-# classifiers of flat inputs (mnist / mnist1d tasks; see mnist.py): not language models
+# classifiers of flat inputs (mnist / mnist1d tasks): not language models
 CLASSIFIERS = {'ffn': FFN}
 CLASSIFIER_NAMES = list(CLASSIFIERS)
 ALL_MODEL_NAMES = MODEL_NAMES + CLASSIFIER_NAMES
@@ -44,7 +42,7 @@ def build_model(model_name, activation_name, config, seed=None):
     check_model(model_name)
     check_activation(activation_name)
     config.validate()
-    if model_name in MODELS and config.vocab_size <= 0:  # classifiers default to 10 classes
+    if model_name in MODELS and config.vocab_size <= 0:  # FFN says what it needs itself
         raise ValueError("config.vocab_size must be set (> 0) before building a model")
     if model_name == 'nanotransformer' and (config.n_embd // config.n_head) % 2:
         raise ValueError(f"nanotransformer: head size n_embd/n_head = {config.n_embd // config.n_head} "

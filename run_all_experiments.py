@@ -1,14 +1,16 @@
 """
 Run a whole study from one command: every model x activation x trial through the trainer
 (train.run_trial), then the analysis (analyze_results.analyze). This module is the command
-line, the study designs, the plan (which jobs, which are done), the dry run and its time
-estimate; sweep.py is the engine that runs the jobs (executors, lock, failure log).
+line, the plan (which jobs, which are done), the dry run and its time estimate; designs.py
+holds the study designs and makes their jobs; sweep.py is the engine that runs the jobs
+(executors, lock, failure log).
 
     python run_all_experiments.py --config cpu                    # the default grid on the cpu preset
     python run_all_experiments.py --study seed_partial            # the original partial study (gpu preset)
     python run_all_experiments.py --study seed_full --dry-run     # what would run, what is done, how long
     python run_all_experiments.py --config cpu --workers 2 --models minigpt charlm --activations relu gelu
     python run_all_experiments.py --study seed_full --executor ray --ray-address auto --ray-num-gpus 0.25
+    python run_all_experiments.py --study mnist_ffn --task mnist1d --gated-width matched  # the FFN study
 
 Resume. A trial is done exactly when its result JSON exists, records the same identity
 (task, model, activation, trial, vary, seeds, config: trial_files.existing_trial) and its .npz
@@ -23,8 +25,9 @@ per study: <study>/.sweep.lock is held while it runs, and on start the sweep rem
 files (.trial_*.tmp, ..trial_*.ckpt*.tmp) that a killed run left behind.
 
 Failures. A trial that raises (non-finite loss, out of memory, a bug), or whose worker
-process dies, is appended to <study>/failures.jsonl (model, activation, trial, error,
-traceback, time; one whole line per os.write, fsynced); the sweep goes on with the rest and
+process dies, is appended to <study>/failures.jsonl (a grid design: the cell's folder; model,
+activation, trial, config, error, traceback, time; one whole line per os.write, fsynced); the
+sweep goes on with the rest and
 exits 1 at the end naming the failed trials. Ctrl-C stops the running trials (they leave no
 result, only their last checkpoint), says what finished, and exits 130; the same command
 resumes. A worker that dies mid-trial leaves its checkpoint too: the retry continues from it.
@@ -46,9 +49,7 @@ hardware.
 import argparse
 import difflib
 import glob
-import importlib
 import json
-import math
 import os
 import re
 import sys
@@ -66,164 +67,14 @@ import train
 import trial_files
 from activation_names import ACTIVATION_NAMES, check_activation
 from config import Config, Parser
+from designs import DEFAULT_GRID, DESIGNS, GRID_FLAGS, cells as plan_cells, jobs as plan_jobs, study_names
 from fileio import DataError, data_dir as resolve_data_dir
 from model_factories import CLASSIFIER_NAMES, MODEL_NAMES, build_model, check_memory, check_model, model_kind
 from prepare_data import CLASSIFICATION, make_task
 from sweep import RAY_INSTALL, job_name
+from time_estimate import estimate, show_path as _show_path
 
-PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
-BENCH_FIGURES = os.path.join(PROJECT_DIR, 'benchmarks', 'bench_sweep.json')
-
-# ----------------------------------------------------------------------------- study designs
-
-ORIGINAL_MODELS = ('charlm', 'tinylstm', 'minigpt', 'convlm', 'hybridlm', 'nanotransformer')
-PARTIAL_ACTIVATIONS = ('smelu_05', 'smelu_1', 'relu', 'gelu', 'swish')
-
-# A design sets the grid and the preset of a named study; explicit flags override them.
-DESIGNS = {
-    'seed_partial': dict(config='gpu', models=ORIGINAL_MODELS, activations=PARTIAL_ACTIVATIONS, trials=3,
-                         about='the original partial study: 6 models x 5 activations x 3 trials, gpu preset'),
-    'seed_full': dict(config='gpu_full', models=ORIGINAL_MODELS, activations=PARTIAL_ACTIVATIONS + ('swiglu',),
-                      trials=3, about='the original full study: 6 models x 6 activations x 3 trials, gpu_full preset'),
-    # 10 trials per group: enough for the dispersion test to detect a difference after Holm
-    # over its 4 comparisons (3 trials cannot: README, "The analysis"); ~30 min on 2 CPU cores
-    'cpu_power': dict(config='cpu', models=('minigpt', 'tinylstm'), activations=('relu', 'gelu', 'smelu_1'),
-                      trials=10, about='2 models x relu/gelu/smelu_1 x 10 trials, cpu preset: a CPU study '
-                                       'that can reach a verdict'),
-}
-# Without a design: this grid on --config (default cpu).
-DEFAULT_GRID = dict(config='cpu', models=ORIGINAL_MODELS, activations=PARTIAL_ACTIVATIONS, trials=3)
-# Studies with a runner of their own: `--study NAME` hands the whole command line to MODULE.main(argv).
-DISPATCHED = {
-    'mnist_ffn': dict(module='mnist', about='FFN GeGLU vs ReLU on MNIST / MNIST-1D with best-of-k search '
-                                            '(issue 7; flags: python mnist.py --help)'),
-}
 STUDY_NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
-
-
-def study_names():
-    return list(DESIGNS) + list(DISPATCHED)
-
-
-# ----------------------------------------------------------------------------- time estimate
-
-_NOT_TIMING = ('seed_base', 'eval_seed', 'dataset')  # do not change how long a trial takes
-# what sets the time of one step and of one loss-estimate batch; the other fields (iteration
-# counts, evaluation settings, the learning-rate recipe, seeds) change how many there are, or nothing
-_STEP_COST = ('n_layer', 'n_embd', 'n_head', 'block_size', 'dropout', 'bias', 'vocab_size', 'n_experts', 'top_k',
-              'capacity_factor', 'moe_every', 'hidden', 'depth', 'n_inputs', 'batch_size', 'grad_accum_steps')
-
-
-def _timing_key(config_dict, unknown=()):
-    return json.dumps({k: v for k, v in sorted(config_dict.items()) if k not in _NOT_TIMING + tuple(unknown)})
-
-
-def _cost_key(config_dict, unknown=()):
-    return json.dumps({k: config_dict.get(k) for k in _STEP_COST if k not in unknown})
-
-
-def _earlier_times(results_dir):
-    """Measured trials under results_dir (every study) and in the benchmark figures file:
-    dicts of model, activation, config, total_time, threads, where, and for trial JSONs
-    the split of that time (training_time, eval_time, iters, evals)."""
-    found = []
-    for path in glob.glob(os.path.join(results_dir, '*', '*', '*', 'trial_*.json')):
-        try:
-            with open(path) as f:
-                rec = json.load(f)
-            m = rec['metrics']
-            if rec.get('source') != 'measured' or not math.isfinite(m['total_time']):
-                continue
-            found.append({'model': rec['model'], 'activation': rec['activation'], 'config': rec['config'],
-                          'total_time': float(m['total_time']), 'threads': rec.get('provenance', {}).get('threads'),
-                          'where': os.path.dirname(os.path.dirname(os.path.dirname(path))),
-                          'training_time': m.get('training_time'), 'eval_time': m.get('eval_time'),
-                          'iters': m.get('iters'), 'evals': len((rec.get('history') or {}).get('iter') or [])})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue
-    try:
-        with open(BENCH_FIGURES) as f:
-            for t in json.load(f).get('trials', []):
-                if math.isfinite(t['total_time']):
-                    found.append({'model': t['model'], 'activation': t['activation'], 'config': t['config'],
-                                  'total_time': float(t['total_time']), 'threads': t.get('threads'),
-                                  'where': _show_path(BENCH_FIGURES)})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    return found
-
-
-def _scaled_time(f, config):
-    """An earlier trial's all-in time carried over to `config` (same model size and batch,
-    other iteration counts): its measured seconds per step and per loss-estimate batch times
-    this config's counts, plus its time outside the training loop. None where the record
-    lacks the split."""
-    try:
-        steps = (f['training_time'] - f['eval_time']) / f['iters']
-        per_batch = f['eval_time'] / (f['evals'] * f['config']['eval_iters'])
-        outside = f['total_time'] - f['training_time']
-    except (KeyError, TypeError, ZeroDivisionError):
-        return None
-    return steps * config.max_iters + per_batch * config.eval_iters * train.n_evaluations(config) + outside
-
-
-def estimate(plan):
-    """(per-trial seconds or None for each trial to run, a sentence saying where they come
-    from, a sentence saying what is missing or None). Times only: measured wall times of
-    earlier trials, or their measured time per step and per evaluation at this model size and
-    batch scaled to this config's iteration counts; never a result."""
-    config = plan['config']
-    found = _earlier_times(plan['results_dir'])
-    # a dry run without saved trials does not know the sizes the data fixes: match on the rest
-    unknown = [k for k in ('vocab_size', 'n_inputs') if not getattr(config, k)]
-    key, cost = _timing_key(config.to_dict(), unknown), _cost_key(config.to_dict(), unknown)
-    pools = []  # (label, figures used, whether they ran at this sweep's thread count)
-    for label, same in (('exact', lambda f: _timing_key(f['config'], unknown) == key),
-                        ('scaled', lambda f: _timing_key(f['config'], unknown) != key
-                         and _cost_key(f['config'], unknown) == cost and _scaled_time(f, config))):
-        match = [f for f in found if same(f)]
-        same_threads = [f for f in match if f['threads'] == plan['threads']]
-        used = same_threads or match
-        pools.append((label, used, bool(same_threads) or not match))
-    per, counts = [], {'pair': 0, 'model': 0}
-    for j in plan['to_run']:
-        t = None
-        for label, used, _ in pools:
-            for level, keep in (('pair', lambda f: (f['model'], f['activation']) == (j['model'], j['activation'])),
-                                ('model', lambda f: f['model'] == j['model'])):
-                ts = [f['total_time'] if label == 'exact' else _scaled_time(f, config) for f in used if keep(f)]
-                if ts and t is None:
-                    t = sum(ts) / len(ts)
-                    counts[level] += 1
-        per.append(t)
-    parts = []
-    for label, used, threads_match in pools:
-        if not used:
-            continue
-        wheres = sorted({f['where'] for f in used})
-        threads = '/'.join(sorted({str(f['threads']) for f in used}))
-        what = ("mean all-in time of {n} earlier trial(s) with the same config" if label == 'exact' else
-                "{n} earlier trial(s) of the same model size and batch but other iteration or evaluation "
-                "counts, scaled by their measured time per step and per evaluation")
-        parts.append(what.format(n=len(used)) + f" in {', '.join(wheres)}, measured with {threads} thread(s) "
-                     f"per trial" + ('' if threads_match else f" (this sweep: {plan['threads']})"))
-    n_missing = sum(p is None for p in per)
-    missing = None
-    if n_missing:
-        models = sorted({j['model'] for j, p in zip(plan['to_run'], per) if p is None})
-        missing = (f"{n_missing} trial(s) to run ({', '.join(models)}) have no figure: no earlier measured trial "
-                   f"of {'that model' if len(models) == 1 else 'those models'} at this size and batch in "
-                   f"{plan['results_dir']} or {_show_path(BENCH_FIGURES)} (train one trial of each first, or run "
-                   f"benchmarks/bench_sweep.py)")
-    source = '; '.join(parts) + (f"; {counts['pair']} trial(s) from the same model and activation, "
-                                 f"{counts['model']} from the same model only"
-                                 + (f", {n_missing} with no figure (not counted)" if n_missing else ''))
-    return per, source, missing
-
-
-def _show_path(path):
-    rel = os.path.relpath(path)
-    return path if rel.startswith('..') else rel
 
 
 def _fmt_seconds(s):
@@ -234,7 +85,6 @@ def _fmt_seconds(s):
 
 EPILOG = f"""study designs (--study NAME):
 {chr(10).join(f'  {k:13s} {v["about"]}' for k, v in DESIGNS.items())}
-{chr(10).join(f'  {k:13s} {v["about"]}' for k, v in DISPATCHED.items())}
   any other name is a plain results folder for the grid given by the flags (default:
   {len(DEFAULT_GRID['models'])} models {' '.join(DEFAULT_GRID['models'])}
   x {len(DEFAULT_GRID['activations'])} activations {' '.join(DEFAULT_GRID['activations'])} x {DEFAULT_GRID['trials']} trials
@@ -243,11 +93,16 @@ EPILOG = f"""study designs (--study NAME):
   --trials, any config override such as --max_iters) override the design's values; the sweep
   prints the overrides, and every trial JSON records its full config.
 
+mnist_ffn: python run_all_experiments.py --study mnist_ffn --task mnist1d [--gated-width matched]
+  trains every (--widths x --batch-sizes x --lrs) cell with --trials seeds, one study folder per
+  cell under <results-dir>/mnist_ffn/<task>/gated_<same|matched>/h<width>_b<batch>_lr<lr>/, then
+  writes the best-of-k report (summary.json, REPORT.md, plots/) in <task>/gated_<...>/.
+
 resume: a trial is skipped when its JSON exists with the same config and seeds and its .npz
   is whole (--force reruns it); a damaged one is moved to <study>/damaged/ and trained again;
   a result with a different config stops the sweep before any training. A trial killed
   mid-way continues from its checkpoint (--checkpoint-every; --force starts it over).
-failures go to <study>/failures.jsonl; the sweep goes on and exits 1 naming them.
+failures go to <study>/failures.jsonl (a grid design: each cell's); the sweep goes on and exits 1 naming them.
 before the first trial: names and values (the analysis's --baseline too), the device and
   dtype, the results folder, and memory (an estimate against what the device has available).
 --dry-run reads no data (sizes the data fixes come from the study's saved trials).
@@ -264,13 +119,14 @@ def make_parser():
     parser.add_argument('--activations', nargs='+', metavar='NAME',
                         help=f"'all' or activation names (valid: {', '.join(ACTIVATION_NAMES)}, smelu_<beta>; "
                              f"default: the design's, else {' '.join(DEFAULT_GRID['activations'])})")
-    parser.add_argument('--trials', type=int, default=None, help='trials per pair (default: 3)')
+    parser.add_argument('--trials', type=int, default=None,
+                        help="trials (seeds) per pair, and per cell of a grid design (default: the design's, else 3)")
     parser.add_argument('--workers', type=int, default=None,
-                        help='trials at once, in separate processes (default: 1 on CPU; on CUDA, '
-                             'visible devices x --trials-per-gpu)')
+                        help='trials at once, in separate processes (default: 1 on CPU, one per core for '
+                             'mnist_ffn; on CUDA, visible devices x --trials-per-gpu)')
     parser.add_argument('--threads', type=int, default=None,
-                        help='torch CPU threads per trial (default: cores // workers). Results are bitwise '
-                             'identical across different --workers only at the same --threads')
+                        help='torch CPU threads per trial (default: cores // workers; 1 for mnist_ffn). Results '
+                             'are bitwise identical across different --workers only at the same --threads')
     parser.add_argument('--trials-per-gpu', type=int, default=None,
                         help='CUDA: workers per device, placed round-robin (default: 1)')
     parser.add_argument('--executor', default='local', choices=('local', 'ray'),
@@ -285,6 +141,14 @@ def make_parser():
     parser.add_argument('--no-analyze', action='store_true', help='do not run the analysis at the end')
     parser.add_argument('--baseline', default=None, help='analysis: activation compared against (default: relu)')
     parser.add_argument('--plots-dir', default=None, help='analysis: where plots go (default: <study>/plots)')
+    grid = parser.add_argument_group('grid designs (mnist_ffn)')
+    grid.add_argument('--task', default=None, choices=('mnist1d', 'mnist'),
+                      help="the dataset of the mnist_ffn design (default: the preset's, mnist1d; mnist is "
+                           "downloaded once)")
+    grid.add_argument('--widths', nargs='+', type=int, default=None, help='hidden widths (default: 2 4 8 16)')
+    grid.add_argument('--batch-sizes', nargs='+', type=int, default=None, help='batch sizes (default: 8 64)')
+    grid.add_argument('--lrs', nargs='+', type=float, default=None,
+                      help='learning rates (default: 0.1 0.01 0.001 0.0001)')
     train.add_run_args(parser)
     parser.set_defaults(config=None)  # so that a design's preset applies unless --config is given
     for a in parser._actions:
@@ -317,6 +181,20 @@ def make_plan(args):
     base = design or DEFAULT_GRID
     overrides = [f'--{k}' for k in ('config', 'models', 'activations', 'trials') if getattr(args, k) is not None]
     overrides += [f'--{f.name} {getattr(args, f.name)}' for f in fields(Config) if getattr(args, f.name) is not None]
+    grid_flags = [f for f in ('task',) + tuple(GRID_FLAGS.values()) if getattr(args, f) is not None]
+    overrides += [f"--{f.replace('_', '-')}" for f in grid_flags]
+    grid = base.get('grid')
+    if not grid and grid_flags:
+        raise ValueError(f"{', '.join('--' + f.replace('_', '-') for f in grid_flags)} go with a grid design "
+                         f"({', '.join(k for k, d in DESIGNS.items() if d.get('grid'))}), not "
+                         f"{'--study ' + args.study if args.study else 'a plain study'}")
+    if grid:
+        swept = [f'--{k}' for k in grid if getattr(args, k) is not None]
+        swept += [f'--{k}' for k in ('dataset', 'data') if getattr(args, k) is not None]
+        if swept:
+            raise ValueError(f"{', '.join(swept)}: set by design {args.study} (use --task, "
+                             f"{', '.join('--' + f.replace('_', '-') for f in GRID_FLAGS.values())})")
+        args.dataset = args.task
     args.config = args.config or base['config']
     if args.data is not None and os.path.isfile(args.data):
         args.data = os.path.abspath(args.data)  # the same identity wherever the trial runs
@@ -338,10 +216,12 @@ def make_plan(args):
     for m in args.models or []:
         if m != 'all':
             check_model(m)
+    # a grid design: one cell (its own study folder) per combination of the grid's values
+    root, cells = plan_cells(design, config, {k: getattr(args, flag) for k, flag in GRID_FLAGS.items()})
 
     devices, workers, threads, ray, execution = sweep.layout(
         args.executor, args.device, args.workers, args.threads, args.trials_per_gpu,
-        args.ray_address, args.ray_num_cpus, args.ray_num_gpus)
+        args.ray_address, args.ray_num_cpus, args.ray_num_gpus, tiny_trials=base.get('tiny_trials', False))
     if ray is None:
         train.autocast_dtype(args.dtype, torch.device(devices[0]))  # float16 on CPU: refused now
 
@@ -353,46 +233,52 @@ def make_plan(args):
         if model_kind(m) != kind:
             raise ValueError(f"model {m!r} trains on {model_kind(m)} data, but dataset {config.dataset!r} is a "
                              f"{kind} task; models for it: {', '.join(kind_models)}")
-    for m in models:  # every pair must be buildable at this config: cheap on the meta device
-        for a in activations:
-            try:
-                with torch.device('meta'):
-                    build_model(m, a, train.lower_bound_config(config), seed=0)
-            except ValueError as e:
-                raise ValueError(f"{m}/{a} cannot be built with this config: {e}") from None
-            except Exception:  # noqa: BLE001 -- a model the meta device can't build: the trial will tell
-                pass
+    for name, cfg in cells:  # every pair must be buildable at every config: cheap on the meta device
+        for m in models:
+            for a in activations:
+                try:
+                    with torch.device('meta'):
+                        build_model(m, a, train.lower_bound_config(cfg), seed=0)
+                except ValueError as e:
+                    raise ValueError(f"{m}/{a} cannot be built with this config"
+                                     f"{' (cell ' + name + ')' if name else ''}: {e}") from None
+                except Exception:  # noqa: BLE001 -- a model the meta device can't build: the trial will tell
+                    pass
     results_dir = os.path.abspath(args.results_dir)
-    study_dir = os.path.join(results_dir, study)
-    check_analysis_args(args, activations, study_dir)
+    study_dir = os.path.join(results_dir, study, *([root] if root else []))
+    check_analysis_args(args, activations, study_dir, grid=bool(grid))
     # memory before the data: an impossible block_size makes GBs of evaluation windows
-    plan_memory(models, activations, config, ray, devices)
+    plan_memory(models, activations, [cfg for _, cfg in cells], ray, devices)
 
     # the data: fixes vocab_size etc., which are part of every trial's identity. A dry run reads
     # none: it takes those fields from the study's saved trials, or says they are unknown
     data_dir = os.path.abspath(resolve_data_dir(args.data_dir))
+    tasks = {}  # a Task per config (a grid: per cell), made here: trial_state makes no other
     if args.dry_run:
-        saved = saved_data_fields(study_dir, kind, config)
-        task = SimpleNamespace(kind=kind, config_updates=lambda: saved)
-        data_note = (f"data not read (dry run): {', '.join(f'{k} {v}' for k, v in saved.items())} from the saved "
-                     f"trials" if saved else "data not read (dry run) and no trial saved yet: vocab_size unknown")
+        saved = saved_data_fields(study_dir, kind, [cfg for _, cfg in cells])
+        for (_, cfg), got in zip(cells, saved):
+            tasks[_config_key(cfg)] = SimpleNamespace(kind=kind, config_updates=lambda got=got: got)
+        known = [got for got in saved if got]
+        data_note = (f"data not read (dry run): {', '.join(f'{k} {v}' for k, v in known[0].items())} from the saved "
+                     f"trials" if known else "data not read (dry run) and no trial saved yet: vocab_size unknown")
+        if known and len(known) < len(saved):
+            data_note += f" ({len(saved) - len(known)} of {len(saved)} cells have none saved yet: sizes unknown)"
     else:
-        task = make_task(config, data_dir)
+        tasks = {_config_key(cfg): make_task(cfg, data_dir) for _, cfg in cells}
         data_note = None
-    full = replace(config, **task.config_updates())
-    memory = plan_memory(models, activations, full, ray, devices)
+    fulls = {_config_key(cfg): replace(cfg, **tasks[_config_key(cfg)].config_updates()) for _, cfg in cells}
+    full = fulls[_config_key(cells[0][1])]
+    memory = plan_memory(models, activations, list(fulls.values()), ray, devices)
 
     opts = train.run_options(args, results_dir=results_dir, data_dir=data_dir, threads=threads, progress=False)
-    jobs = [{'model': m, 'activation': a, 'trial': k, 'study': study, 'config': config}
-            for m in models for a in activations for k in range(trials)]
-    to_run, done, conflicts, damaged = [], [], [], []
-    tasks = {_config_key(config): task}  # the one config of this plan: trial_state makes no other Task
-    for job in jobs:
+    to_run, to_run_configs, done, conflicts, damaged = [], [], [], [], []
+    for job in plan_jobs(study, root, cells, models, activations, trials):
         path, state = trial_state(job, opts, tasks)
         if state == 'done' and not args.force:
             done.append(job)
         else:
             to_run.append(job)
+            to_run_configs.append(fulls[_config_key(job['config'])])
             if state.startswith('damaged'):  # set aside and trained again, also with --force
                 damaged.append((job, path, state))
             elif state not in ('absent', 'done') and not args.force:
@@ -414,53 +300,65 @@ def make_plan(args):
     return {'design': args.study if design else None, 'overrides': overrides, 'note': note, 'study': study,
             'study_dir': study_dir, 'results_dir': results_dir, 'config': full, 'preset': args.config,
             'models': models, 'activations': activations, 'trials': trials, 'to_run': to_run, 'done': done,
+            'to_run_configs': to_run_configs, 'cells': [n for n, _ in cells if n],
+            'grid': {k: list(dict.fromkeys(getattr(c, k) for _, c in cells)) for k in grid} if grid else None,
             'damaged': damaged, 'opts': opts, 'slots': [replace(opts, device=d) for d in devices],
             'workers': workers, 'threads': threads, 'execution': execution, 'executor': args.executor, 'ray': ray,
             'vary': args.vary, 'memory': memory, 'data_note': data_note}
 
 
-def saved_data_fields(study_dir, kind, config):
-    """The config fields the data fixes (vocab_size; for classification also n_inputs, n_eval
-    and, with epochs, max_iters), as this study's saved trials on the same dataset recorded
-    them: for a dry run, which reads no data. {} if there is no such trial."""
-    keys = ['vocab_size'] + (['n_inputs', 'n_eval'] + (['max_iters'] if config.epochs else [])
-                             if kind == 'classification' else [])
-    for path in sorted(glob.glob(os.path.join(study_dir, '*', '*', 'trial_*.json'))):
+def saved_data_fields(study_dir, kind, configs):
+    """For each config, the config fields the data fixes (vocab_size; for classification also
+    n_inputs, n_eval and, with epochs, max_iters), as a trial saved in this study (at any
+    depth: a grid design's cells) on the same dataset recorded them (with epochs, also at the
+    same batch: max_iters follows it): for a dry run, which reads no data. {} where there is
+    no such trial."""
+    out = [None] * len(configs)
+    for path in sorted(glob.glob(os.path.join(study_dir, '**', 'trial_*.json'), recursive=True)):
         try:
             with open(path) as f:
                 saved = json.load(f)['config']
-            if saved['dataset'] == config.dataset:
-                return {k: saved[k] for k in keys}
+            for i, c in enumerate(configs):
+                same = [('dataset', c.dataset)] + ([(k, getattr(c, k)) for k in ('epochs', 'batch_size',
+                                                    'grad_accum_steps')] if c.epochs else [])
+                if out[i] is None and all(saved[k] == v for k, v in same):
+                    out[i] = {k: saved[k] for k in ['vocab_size'] + (['n_inputs', 'n_eval'] + (
+                        ['max_iters'] if c.epochs else []) if kind == 'classification' else [])}
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    return {}
+        if all(o is not None for o in out):
+            break
+    return [o or {} for o in out]
 
 
-def check_analysis_args(args, activations, study_dir):
+def check_analysis_args(args, activations, study_dir, grid=False):
     """The analysis's flags, checked before the first trial rather than after the last."""
     if args.no_analyze and (args.baseline or args.plots_dir):
         raise ValueError("--baseline and --plots-dir are for the analysis, which --no-analyze turns off")
     if args.baseline is None:
         return
-    saved = {os.path.basename(p) for p in glob.glob(os.path.join(study_dir, '*', '*')) if os.path.isdir(p)}
+    cells = ['*'] if grid else []  # a grid design's cells are study folders inside it
+    saved = {os.path.basename(p) for p in glob.glob(os.path.join(study_dir, *cells, '*', '*')) if os.path.isdir(p)}
     valid = sorted(set(activations) | saved)
     if args.baseline not in valid:
         raise ValueError(f"--baseline {args.baseline!r} is not an activation of this study; valid: {', '.join(valid)}")
 
 
-def plan_memory(models, activations, config, ray, devices):
+def plan_memory(models, activations, configs, ray, devices):
     """Refuse (ValueError, one line with the estimate) a sweep whose trials cannot fit in
     memory: on CPU all workers at once in the machine's available memory, on CUDA the
-    trials placed on each device in its free memory. Where the data has not fixed
-    vocab_size yet the estimate is a lower bound. Returns a line for the plan."""
+    trials placed on each device in its free memory; `configs`: every config of the plan
+    (a grid design's cells), the largest counts. Where the data has not fixed vocab_size
+    yet the estimate is a lower bound. Returns a line for the plan."""
     if ray is not None:
         return "memory: not checked here (Ray runs the trials on its nodes)"
     pairs = [(m, a) for m in models for a in activations]
     for device in sorted(set(devices)):
         n = devices.count(device)
-        est, avail = check_memory(pairs, train.lower_bound_config(config), torch.device(device), concurrent=n)
+        est, avail = max((check_memory(pairs, train.lower_bound_config(c), torch.device(device), concurrent=n)
+                          for c in configs), key=lambda e: e[0]['total'])
     return (f"memory: about {cli.fmt_bytes(est['total'])} per trial at most"
-            + (" (a lower bound: vocab_size unknown)" if not config.vocab_size else '')
+            + (" (a lower bound: vocab_size unknown)" if not all(c.vocab_size for c in configs) else '')
             + f", {n} at once per device; "
             + (f"{cli.fmt_bytes(avail)} available" if avail is not None else "available memory unknown here"))
 
@@ -487,12 +385,15 @@ def describe(plan):
     what = (f"design {plan['design']}" if plan['design'] else f"study {plan['study']}") + f": preset {plan['preset']}"
     if plan['overrides']:
         what += f" (overrides: {', '.join(plan['overrides'])})"
+    cells = f"{len(plan['cells'])} cell(s) x " if plan['grid'] else ''
     lines = [what,
-             f"  {len(plan['models'])} model(s) x {len(plan['activations'])} activation(s) x {plan['trials']} "
+             f"  {cells}{len(plan['models'])} model(s) x {len(plan['activations'])} activation(s) x {plan['trials']} "
              f"trial(s) = {n}: {len(plan['done'])} done, {len(plan['to_run'])} to run"
              + (f" ({len(plan['damaged'])} damaged, to train again)" if plan['damaged'] else '')
              + f"; vary {plan['vary']}" + ('; deterministic' if plan['opts'].deterministic else ''),
              f"  models: {' '.join(plan['models'])}; activations: {' '.join(plan['activations'])}",
+             *([f"  grid: {' x '.join(f'{k} ' + ' '.join(f'{v:g}' for v in vs) for k, vs in plan['grid'].items())} "
+                f"(one study folder per cell)"] if plan['grid'] else []),
              f"  {plan['execution']}; results in {plan['study_dir']}",
              f"  {plan['memory']}"]
     if plan['data_note']:
@@ -566,14 +467,6 @@ def analyze_study(plan, args):
 
 
 def _main(argv):
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument('--study')
-    known, _ = pre.parse_known_args(argv)
-    if known.study in DISPATCHED:  # a study with its own runner gets the whole command line
-        module = importlib.import_module(DISPATCHED[known.study]['module'])
-        module.main(argv)
-        return 0
-
     parser = make_parser()
     args = parser.parse_args(argv)
     try:
@@ -623,8 +516,10 @@ def _main(argv):
     print(f"{len(finished)} trial(s) trained, {len(plan['done'])} already done, {len(failed)} failed "
           f"in {_fmt_seconds(wall)}" + (f"; {analysis}" if analysis else ''))
     if failed:
+        logs = sorted({sweep.failure_log(plan, j) for j in failed})
+        where = logs[0] if len(logs) == 1 else f"the failures.jsonl of {len(logs)} cells under {plan['study_dir']}"
         print(f"error: {len(failed)} trial(s) failed: {', '.join(map(job_name, failed))}; errors and tracebacks in "
-              f"{os.path.join(plan['study_dir'], 'failures.jsonl')}", file=sys.stderr)
+              f"{where}", file=sys.stderr)
         return cli.EXIT_FAILURE
     return cli.EXIT_OK if ok else cli.EXIT_FAILURE
 

@@ -44,7 +44,8 @@ RAY_INSTALL = 'pip install "ray[default]"'
 
 
 def job_name(job):
-    return f"{job['model']}/{job['activation']} trial {job['trial']}"
+    cell = f" [{os.path.basename(job['study'])}]" if '/' in job['study'] else ''  # a grid design's cell
+    return f"{job['model']}/{job['activation']} trial {job['trial']}{cell}"
 
 
 # ----------------------------------------------------------------------------- where trials run
@@ -64,10 +65,13 @@ def cores():
 
 
 def layout(executor, device, workers=None, threads=None, trials_per_gpu=None,
-           ray_address=None, ray_num_cpus=None, ray_num_gpus=None):
+           ray_address=None, ray_num_cpus=None, ray_num_gpus=None, tiny_trials=False):
     """Where the trials run, from the command line's values: (a device per worker slot,
     workers, threads per trial, Ray settings or None, a sentence saying it). Raises
-    ValueError naming the problem for a combination that cannot run."""
+    ValueError naming the problem for a combination that cannot run. tiny_trials: trials far
+    too small for several threads (the OpenMP threads of a 100-parameter model spend their
+    time waiting on each other, worse on a busy machine): on CPU the defaults become one
+    thread per trial and one worker per core."""
     given = {'ray_address': ray_address, 'ray_num_cpus': ray_num_cpus, 'ray_num_gpus': ray_num_gpus}
     ray_flags = [f for f, v in given.items() if v is not None]
     if executor == 'ray':
@@ -95,6 +99,8 @@ def layout(executor, device, workers=None, threads=None, trials_per_gpu=None,
     if ray_flags:
         raise ValueError(f"{', '.join('--' + f.replace('_', '-') for f in ray_flags)} go with --executor ray")
     dev = train.resolve_device(device)
+    tiny = tiny_trials and dev.type == 'cpu'
+    defaults = workers is None or threads is None  # what the execution line explains
     if dev.type == 'cuda':
         devices = [f'cuda:{i}' for i in range(torch.cuda.device_count())] if dev.index is None else [str(dev)]
         per_gpu = trials_per_gpu or 1
@@ -105,11 +111,14 @@ def layout(executor, device, workers=None, threads=None, trials_per_gpu=None,
     else:
         if trials_per_gpu is not None:
             raise ValueError(f"--trials-per-gpu is for CUDA devices; this sweep runs on {dev}")
-        devices, workers = ['cpu'], workers or 1
-    threads = threads or max(1, cores() // workers)
+        devices, workers = ['cpu'], workers or (cores() if tiny else 1)
+    threads = threads or (1 if tiny else max(1, cores() // workers))
     devices = [devices[i % len(devices)] for i in range(workers)]  # round-robin over the devices
     execution = (f"{workers} worker process(es)" if workers > 1 else "in this process") + \
         f" on {', '.join(sorted(set(devices)))}, {threads} thread(s) per trial"
+    if tiny and defaults:
+        execution += (" (tiny trials: one thread each, one worker per core, so no trial's threads wait "
+                      "on each other; --workers / --threads override)")
     return devices, workers, threads, None, execution
 
 
@@ -338,6 +347,11 @@ def append_failure(path, record):
         os.close(fd)
 
 
+def failure_log(plan, job):
+    """The failures.jsonl of a job's study folder."""
+    return os.path.join(plan['results_dir'], job['study'], 'failures.jsonl')
+
+
 def stray_temp_files(study_dir):
     """Temp files of fileio.atomic_write left by a killed run (.trial_<k>.<ext>XXXX.tmp; a
     half-written checkpoint: ..trial_<k>.ckptXXXX.tmp), at any depth below study_dir (jobs
@@ -394,13 +408,13 @@ def projection(plan, seconds, left):
 
 def run_sweep(plan, executor_factory):
     """Run plan['to_run'] (plan['done'] counts toward the progress) through the executor
-    that executor_factory() makes; failures go to <plan['study_dir']>/failures.jsonl.
-    Returns (finished, failed, interrupted); after an interrupt, finished also holds the
-    trials whose JSON (under plan['opts'].results_dir) was written in this run."""
+    that executor_factory() makes; a failure goes to the failures.jsonl of its job's study
+    folder (<results dir>/<job's study>: a grid design's cell, else the study), with the
+    job's config. Returns (finished, failed, interrupted); after an interrupt, finished also
+    holds the trials whose JSON (under plan['opts'].results_dir) was written in this run."""
     t_start = time.time()
     to_run, done = plan['to_run'], plan['done']
     total = len(to_run) + len(done)
-    failures_path = os.path.join(plan['study_dir'], 'failures.jsonl')
     finished, failed, interrupted = [], [], False
     executor = None
     # disable=None: a live bar on a terminal, silence in logs and CI
@@ -420,9 +434,10 @@ def run_sweep(plan, executor_factory):
                     bar.write(projection(plan, out['seconds'], len(to_run) - 1 - len(failed)), file=sys.stdout)
             else:
                 failed.append(job)
-                append_failure(failures_path, {
+                append_failure(failure_log(plan, job), {
                     'model': job['model'], 'activation': job['activation'], 'trial': job['trial'],
-                    'study': job['study'], 'error': out['error'], 'traceback': out['traceback'],
+                    'study': job['study'], 'config': job['config'].to_dict(),
+                    'error': out['error'], 'traceback': out['traceback'],
                     'time': datetime.datetime.now().astimezone().isoformat(), 'seconds': out['seconds'],
                     'host': out.get('host'), 'executor': plan['executor']})
                 bar.write(f"{count} FAILED {job_name(job)}: {out['error']}", file=sys.stdout)

@@ -25,8 +25,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import run_all_experiments  # noqa: E402
 import sweep  # noqa: E402
+import time_estimate  # noqa: E402
 import train  # noqa: E402
 from config import Config, Parser  # noqa: E402
 from fileio import write_json  # noqa: E402
@@ -64,12 +64,12 @@ def main(argv=None):
     parser.add_argument('--activations', nargs='+', default=['relu', 'gelu'])
     parser.add_argument('--trials', type=int, default=3)
     parser.add_argument('--workers', nargs='+', type=int, default=[1, 2], help='worker counts to time')
-    parser.add_argument('--out', default=None, help=f"figures JSON (default: {os.path.relpath(run_all_experiments.BENCH_FIGURES)} "
+    parser.add_argument('--out', default=None, help=f"figures JSON (default: {os.path.relpath(time_estimate.BENCH_FIGURES)} "
                         "unless config overrides are given); 'none' to write nothing")
     args, passthrough = parser.parse_known_args(argv)
     overrides = [a for a in passthrough if a.startswith('--') and a[2:].split('=')[0] in
                  set(Config.__dataclass_fields__)]
-    out = args.out if args.out is not None else (None if overrides else run_all_experiments.BENCH_FIGURES)
+    out = args.out if args.out is not None else (None if overrides else time_estimate.BENCH_FIGURES)
     if out == 'none':
         out = None
 

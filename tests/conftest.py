@@ -1,7 +1,11 @@
-"""Shared test fixtures: the project root on sys.path, a tiny corpus, tiny configs."""
+"""Shared test fixtures: the project root on sys.path, a tiny corpus, tiny configs, MNIST-1D
+and tiny MNIST data folders."""
+import gzip
+import hashlib
 import os
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,3 +31,43 @@ def tiny_corpus(tmp_path):
 def tiny_config(tiny_corpus):
     from config import get_config
     return get_config('cpu', dataset=tiny_corpus, **TINY_OVERRIDES)
+
+
+@pytest.fixture(scope='session')
+def mnist1d_dir(tmp_path_factory):
+    """A data folder whose MNIST-1D cache is made once for the whole session (~1.5 s)."""
+    import mnist
+    d = str(tmp_path_factory.mktemp('data'))
+    mnist.load_mnist1d(d)
+    return d
+
+
+def idx_bytes(array, code=0x08):
+    """The bytes of an IDX file holding `array` (type code 0x08: unsigned bytes)."""
+    import mnist
+    a = np.asarray(array)
+    header = bytes([0, 0, code, a.ndim]) + b''.join(int(d).to_bytes(4, 'big') for d in a.shape)
+    return header + a.astype(np.dtype(mnist.IDX_DTYPES[code])).tobytes()
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path, monkeypatch):
+    """Four tiny MNIST-format files with their md5s patched in: the real loading path, offline."""
+    import mnist
+    rng = np.random.default_rng(0)
+    folder = tmp_path / 'mnist'
+    folder.mkdir()
+    files = {}
+    for key, n in (('train', 60), ('test', 20)):
+        y = rng.integers(10, size=n).astype(np.uint8)
+        x = (rng.random((n, 28, 28)) * 40 + y[:, None, None] * 20).astype(np.uint8)  # learnable
+        for kind, arr in (('images', x), ('labels', y)):
+            fname, _, _ = mnist.MNIST_FILES[f'{key}_{kind}']
+            data = gzip.compress(idx_bytes(arr))
+            (folder / fname).write_bytes(data)
+            files[f'{key}_{kind}'] = (fname, hashlib.md5(data).hexdigest(), arr.shape)
+    monkeypatch.setattr(mnist, 'MNIST_FILES', files)
+    monkeypatch.setitem(mnist.VAL_SIZE, 'mnist', 20)
+    mnist._splits.cache_clear()
+    yield str(tmp_path)
+    mnist._splits.cache_clear()

@@ -15,7 +15,6 @@ import train
 from leaky import LeakyLM, use_leaky_model
 from config import get_config
 from model_factories import MODEL_NAMES
-from test_mnist import tiny_mnist  # noqa: F401  (a fixture: four tiny MNIST files)
 
 STREAMS = ('init', 'data', 'dropout')
 EXPECTED = {'all': {'init', 'data', 'dropout'}, 'init': {'init'}, 'data': {'data'},
@@ -80,7 +79,7 @@ def test_fingerprints_are_the_real_state(cfg):
     assert g['init'] != f['init'] and g['data'] != f['data'] and g['dropout'] == f['dropout']
 
 
-def test_fingerprints_of_a_classifier(tiny_mnist, tmp_path):  # noqa: F811
+def test_fingerprints_of_a_classifier(tiny_mnist, tmp_path):
     cfg = get_config('mnist_ffn', dataset='mnist', batch_size=8, eval_interval=2, eval_iters=2)
     opts = train.RunOptions(results_dir=str(tmp_path / 'results'), vary='data', data_dir=tiny_mnist, progress=False)
     rs = [train.run_trial('ffn', 'relu', k, cfg, 's', opts) for k in (0, 1)]

@@ -18,6 +18,7 @@ import torch
 import checkpoint
 import run_all_experiments as rae
 import sweep
+import time_estimate
 import train
 from conftest import ROOT, TINY_TEXT
 
@@ -398,14 +399,6 @@ def test_designs_set_the_grid_and_explicit_flags_override_them(corpus, tmp_path,
     assert not os.listdir(tmp_path)
 
 
-def test_mnist_study_is_dispatched_to_its_runner(monkeypatch):
-    mnist = pytest.importorskip('mnist')
-    seen = []
-    monkeypatch.setattr(mnist, 'main', lambda argv=None: seen.append(argv))
-    assert rae.main(['--study', 'mnist_ffn', '--task', 'mnist1d', '--widths', '2']) == 0
-    assert seen == [['--study', 'mnist_ffn', '--task', 'mnist1d', '--widths', '2']]
-
-
 def test_dry_run_estimate_from_benchmark_figures(reference, corpus, tmp_path, monkeypatch, capsys):
     rec = record(reference, 'minigpt', 'relu', 0)
     figures = tmp_path / 'bench_sweep.json'
@@ -413,7 +406,7 @@ def test_dry_run_estimate_from_benchmark_figures(reference, corpus, tmp_path, mo
         {'model': 'minigpt', 'activation': 'relu', 'config': rec['config'], 'total_time': 30.0, 'threads': 1},
         {'model': 'charlm', 'activation': 'gelu', 'config': {**rec['config'], 'n_embd': 32}, 'total_time': 99.0,
          'threads': 1}]}))  # another config: not used
-    monkeypatch.setattr(rae, 'BENCH_FIGURES', str(figures))
+    monkeypatch.setattr(time_estimate, 'BENCH_FIGURES', str(figures))
     assert rae.main(argv(corpus, tmp_path / 'empty', '--dry-run', '--workers', '2')) == 0
     out = capsys.readouterr().out
     assert out.count('~30 s') == 4 and out.count('no estimate') == 4  # minigpt: figure; charlm: none

@@ -1,0 +1,297 @@
+"""
+The FFN study's report (the mnist_ffn design of designs.py): summary.json, REPORT.md and plots
+of a grid design's root, <root>/h<w>_b<b>_lr<lr>/ffn/<activation>/trial_<k>.json, one ordinary
+study folder per cell of a (width x batch size x learning rate) grid, every cell with the same
+trial seeds. Best-of-k random search over the grid (metrics.expected_best_of_k, with a seed
+bootstrap paired across models and cells) and PD between seeds at one configuration shared
+by the models. Each cell is read, and can be analysed alone, like any other study: that
+per-study analysis is analyze_results' (load_study, build_summary), which imports this module
+and hands it those two functions. The cells' configs come from the trial files, never from
+the folder names. No torch.
+"""
+import glob
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+import metrics
+import plot_utils
+from fileio import AnalysisError, json_ready, write_json, write_text
+
+SCHEMA_VERSION = 1  # of the FFN study's summary.json (kind FFN_KIND)
+
+FFN_KIND = 'ffn_study'
+FFN_SWEPT = ('hidden', 'batch_size', 'learning_rate', 'max_iters')  # max_iters = epochs x batches: follows batch_size
+FFN_TABLE_KS = (1, 2, 4, 8)
+FFN_CURVE_KS = tuple(range(1, 33))
+
+
+def is_study_grid(root):
+    """True for a folder of study folders (a grid design's root) that is not a study itself."""
+    return (not glob.glob(os.path.join(root, '*', '*', 'trial_*.json'))
+            and bool(glob.glob(os.path.join(root, '*', '*', '*', 'trial_*.json'))))
+
+
+def _ffn_cell(cell_dir, baseline, load_study, build_summary):
+    """One cell: its ordinary study summary (PD, CIs, warnings) and its runs by (activation, trial)."""
+    loaded = load_study(cell_dir)
+    trials = loaded[0]
+    name = os.path.basename(os.path.normpath(cell_dir))
+    if not trials:  # every run of the cell failed: its config is in failures.jsonl
+        config = next((f['config'] for f in loaded[2] if isinstance(f.get('config'), dict)), None)
+        return {'name': name, 'summary': None, 'runs': {}, 'bad': loaded[1], 'failures': loaded[2], 'config': config}
+    not_ffn = sorted({t['model'] for t in trials} - {'ffn'})
+    if not_ffn:
+        raise AnalysisError(f"{cell_dir} holds {', '.join(not_ffn)} trials: an FFN study grid holds ffn trials only")
+    acts = {t['activation'] for t in trials}
+    summary = json_ready(build_summary(cell_dir, baseline if baseline in acts else None, loaded))
+    runs = {(t['activation'], t['trial']): t['record'] for t in trials}
+    configs = {json.dumps({k: r['config'].get(k) for k in FFN_SWEPT}, sort_keys=True) for r in runs.values()}
+    if len(configs) != 1:
+        raise AnalysisError(f"{cell_dir}: its trials have different widths, batch sizes or learning rates; "
+                            f"a cell of the grid holds one configuration")
+    return {'name': name, 'summary': summary, 'runs': runs, 'bad': loaded[1], 'failures': loaded[2],
+            'config': next(iter(runs.values()))['config']}
+
+
+def _interval(samples):
+    lo, hi = metrics.percentile_interval(samples)
+    return [float(lo), float(hi)] if np.isfinite(lo) and np.isfinite(hi) else None
+
+
+def build_ffn_summary(root, load_study, build_summary, baseline=None):
+    """The FFN study's summary dict from the cell folders under root (nothing written);
+    load_study and build_summary: analyze_results', the analysis of one study (a cell)."""
+    found = [_ffn_cell(d, baseline or 'relu', load_study, build_summary)
+             for d in sorted(glob.glob(os.path.join(root, '*', '')))
+             if glob.glob(os.path.join(d, '*', '*', 'trial_*.json')) or os.path.exists(os.path.join(d, 'failures.jsonl'))]
+    warnings = [f"{c['name']}: skipped {b['path']}: {b['reason']}" for c in found if not c['runs'] for b in c['bad']]
+    cells = [c for c in found if c['runs']]
+    if not cells:
+        raise AnalysisError(f"no usable trials under {root!r} (looked for <cell>/ffn/<activation>/trial_<k>.json)")
+    base_cfg = {k: v for k, v in cells[0]['config'].items() if k not in FFN_SWEPT}
+    for c in cells:
+        for r in c['runs'].values():
+            diff = sorted(k for k in set(base_cfg) | set(r['config']) if k not in FFN_SWEPT
+                          and base_cfg.get(k) != r['config'].get(k))
+            if diff:
+                raise AnalysisError(f"cell {c['name']} differs from cell {cells[0]['name']} in {', '.join(diff)}: "
+                                    f"the cells of one study differ only in width, batch size and learning rate")
+    acts = sorted({a for c in cells for a, _ in c['runs']})
+    if baseline is not None and baseline not in acts:
+        raise AnalysisError(f"baseline {baseline!r} is not an activation of this study; valid: {', '.join(acts)}")
+    base = baseline or ('relu' if 'relu' in acts else acts[0])
+    acts = [base] + [a for a in acts if a != base]
+    by = {(c['config']['hidden'], c['config']['batch_size'], c['config']['learning_rate']): c
+          for c in found if c['config']}  # with the cells whose every run failed
+    widths, batches, lrs = (sorted({key[i] for key in by}) for i in range(3))
+    seeds = sorted({k for c in cells for _, k in c['runs']})
+    failed = {(f.get('activation'), f.get('trial'), c['name']): f.get('error') for c in found for f in c['failures']}
+    out_widths = []
+    for c in cells:
+        warnings += [f"{c['name']}: {w}" for w in c['summary']['warnings']]
+    for w in widths:
+        grid = [(b, lr) for b in batches for lr in lrs]
+        val = np.full((len(acts), len(grid), len(seeds)), np.nan)
+        test = np.full_like(val, np.nan)
+        params, missing = {}, []
+        for j, key in enumerate(grid):
+            cell = by.get((w, *key))
+            if cell is None:
+                missing.append(f"cell h{w} batch {key[0]} lr {key[1]:g} (all {len(acts) * len(seeds)} runs)")
+                continue
+            for i, a in enumerate(acts):
+                for s, k in enumerate(seeds):
+                    r = cell['runs'].get((a, k))
+                    if r is None:
+                        err = failed.get((a, k, cell['name']))
+                        missing.append(f"{cell['name']} {a} trial {k}" + (f" (failed: {err})" if err else ' (no result)'))
+                        continue
+                    m = r['metrics']
+                    val[i, j, s], test[i, j, s] = m['val_accuracy'], m.get('test_accuracy', np.nan)
+                    params.setdefault(a, {'units': m.get('ffn_units'), 'n_params': m.get('n_params')})
+        if missing:
+            warnings.append(f"width {w}: {len(missing)} run(s) missing, counted as draws that are never selected: "
+                            + '; '.join(missing[:5]) + (' ...' if len(missing) > 5 else ''))
+        if np.isnan(test[~np.isnan(val)]).any():
+            raise AnalysisError(f"width {w}: a trial without test_accuracy (not a classification trial?)")
+        boot = metrics.best_of_k_bootstrap(val, test, FFN_CURVE_KS)
+        curves = {a: {split: boot[split][i].tolist() for split in ('val', 'test')}
+                  | {f'{split}_ci': [_interval(boot[f'{split}_boot'][i][:, q]) for q in range(len(FFN_CURVE_KS))]
+                     for split in ('val', 'test')} for i, a in enumerate(acts)}
+        comparisons = {a: {f'{split}_diff': (boot[split][i] - boot[split][0]).tolist()
+                           for split in ('val', 'test')}
+                       | {f'{split}_diff_ci': [_interval(boot[f'{split}_boot'][i][:, q] - boot[f'{split}_boot'][0][:, q])
+                                               for q in range(len(FFN_CURVE_KS))] for split in ('val', 'test')}
+                       for i, a in enumerate(acts) if i}
+        # PD between seeds at one configuration shared by all activations: the cell best on
+        # validation accuracy averaged over every activation and seed (chosen for neither model)
+        means = np.array([np.nanmean(val[:, j]) if np.isfinite(val[:, j]).any() else -np.inf for j in range(len(grid))])
+        shared = by.get((w, *grid[int(np.argmax(means))]))
+        if shared is None or shared['summary'] is None:
+            raise AnalysisError(f"width {w}: no finished run in any cell")
+        pd = {'cell': shared['name'], 'batch_size': shared['config']['batch_size'],
+              'learning_rate': shared['config']['learning_rate'], 'activations': {}, 'comparisons': {}}
+        for r in shared['summary']['results']:
+            p = r['pairwise'] or {}
+            pd['activations'][r['activation']] = {
+                'n_trials': r['n_trials'], 'relative_pd': (p.get('relative_pd') or {}).get('mean'),
+                'ci': (p.get('relative_pd') or {}).get('ci'), 'top1_disagreement': (p.get('top1_disagreement') or {}).get('mean')}
+        for cmp in shared['summary']['comparisons']:  # the cell's dispersion and prediction-shift tests
+            disp, shift = cmp['dispersion'] or {}, cmp['prediction_shift'] or {}
+            pd['comparisons'][cmp['activation']] = {
+                'difference': cmp['difference'], 'ci': disp.get('ci'), 'p_value': disp.get('p_value'),
+                'p_value_holm': None, 'min_p_value': disp.get('min_p_value'),
+                'prediction_shift_p_value': shift.get('p_value'), 'note': cmp['note'] or cmp['error']}
+        out_widths.append({'width': w, 'params': params, 'curves': curves, 'comparisons': comparisons, 'pd': pd,
+                           'n_runs': int(np.isfinite(val).sum()), 'n_grid_runs': int(val.size)})
+    # Holm over every width and activation's dispersion test (the cells' own Holm saw one width)
+    tested = [c for r in out_widths for c in r['pd']['comparisons'].values() if c['p_value'] is not None]
+    for c, p in zip(tested, metrics.holm([c['p_value'] for c in tested])):
+        c['p_value_holm'] = p
+    cell_rows = []
+    for key in sorted(by):
+        c, row = by[key], {'cell': by[key]['name'], 'width': key[0], 'batch_size': key[1], 'learning_rate': key[2]}
+        for r in (c['summary'] or {}).get('results', []):
+            recs = [c['runs'][(r['activation'], k)] for k in r['trial_ids']]
+            row[r['activation']] = {
+                'n_trials': r['n_trials'], 'val_accuracy': r['avg_val_accuracy'],
+                'test_accuracy': float(np.mean([x['metrics']['test_accuracy'] for x in recs])),
+                'relative_pd': r['avg_relative_pd']}
+        cell_rows.append(row)
+    recs = [r for c in cells for r in c['runs'].values()]
+    return {
+        'schema_version': SCHEMA_VERSION, 'kind': FFN_KIND,
+        'study': os.path.dirname(recs[0].get('study') or '') or os.path.basename(os.path.normpath(root)),
+        'task': base_cfg.get('dataset'), 'gated_width': base_cfg.get('gated_width', 'same'), 'config': base_cfg,
+        'activations': acts, 'baseline': base, 'widths': widths, 'batch_sizes': batches, 'learning_rates': lrs,
+        'seeds': seeds, 'ks': list(FFN_TABLE_KS), 'curve_ks': list(FFN_CURVE_KS), 'vary': recs[0].get('vary'),
+        'statistics': {'best_of_k': 'exact expectation over k draws with replacement from all runs of the grid '
+                                    '(metrics.expected_best_of_k)',
+                       'ci': f"{int(metrics.CONFIDENCE * 100)}% percentile bootstrap over seeds: the same resampled "
+                             f"seeds in every cell and for every activation ({metrics.N_RESAMPLES} resamples, seed "
+                             f"{metrics.SEED})",
+                       'pd_ci': 'leave-one-trial-out jackknife t-interval of the mean over pairs',
+                       'pd_difference': 'difference of mean pairwise relative PD, Welch t-interval from the jackknife; '
+                                        'p: dispersion test (metrics.dispersion_test), Holm over every width and '
+                                        'activation'},
+        'results': out_widths, 'cells': cell_rows, 'warnings': warnings,
+        'failures': [f | {'cell': c['name']} for c in found for f in c['failures']],
+        'timing': {'n_trials': len(recs), 'trial_seconds': float(sum(r['metrics']['total_time'] for r in recs)),
+                   'threads': sorted({str((r.get('provenance') or {}).get('threads')) for r in recs}),
+                   'devices': sorted({str((r.get('provenance') or {}).get('device_name')) for r in recs})},
+        'provenance': {'n_trials': len(recs), 'cells': [c['name'] for c in cells],
+                       'files': [f for c in cells for f in c['summary']['provenance']['files']],
+                       'git_commits': sorted({str((r.get('provenance') or {}).get('git_commit')) for r in recs}),
+                       'torch_versions': sorted({str((r.get('provenance') or {}).get('torch_version')) for r in recs})},
+    }
+
+
+def _ci_cell(x, ci, digits=3):
+    if x is None or not math.isfinite(x):  # no finished run (json_ready: null)
+        return '—'
+    return f"{x:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else '')
+
+
+def _ffn_verdict(ci, a, base):
+    if not ci:
+        return 'n/a'
+    return f"{a} higher" if ci[0] > 0 else f"{base} higher" if ci[1] < 0 else 'no clear difference'
+
+
+def render_ffn_report(s):
+    acts, base, ks, cks = s['activations'], s['baseline'], s['ks'], s['curve_ks']
+    cfg, n_cells = s['config'], len(s['cells'])
+    out = [f"# FFN study: {' vs '.join(acts)} on {s['task']} (gated width: {s['gated_width']})", "",
+           f"Measured: `ffn` classifiers (depth {cfg.get('depth')}, {cfg.get('epochs')} epoch(s), AdamW, weight decay "
+           f"{cfg.get('weight_decay')}, dropout {cfg.get('dropout')}) on every cell of widths {s['widths']} x batch sizes "
+           f"{s['batch_sizes']} x learning rates {s['learning_rates']} ({n_cells} cells), seeds {len(s['seeds'])} per "
+           f"cell and activation (trial k has seed seed_base + k in every cell; vary {s['vary']}). Gated width "
+           f"`same`: a gated activation has `width` gated units (the original FFN_GeGLU); `matched`: the unit count "
+           f"whose parameter count is closest to the ungated model's at that width.", "", "## Warnings", ""]
+    out += [f"- {w}" for w in s['warnings']] or ["None."]
+    out += ["", "## Parameters", "", "| width | " + " | ".join(f"{a} units | {a} params" for a in acts) + " |",
+            "|---:|" + "---:|---:|" * len(acts)]
+    for r in s['results']:
+        out.append(f"| {r['width']} | " + " | ".join(
+            f"{(r['params'].get(a) or {}).get('units', '—')} | {(r['params'].get(a) or {}).get('n_params', '—')}"
+            for a in acts) + " |")
+    out += ["", "## Best-of-k random search", "",
+            f"Expected best validation accuracy of k configurations drawn at random (with replacement) from "
+            f"all {s['results'][0]['n_grid_runs'] // len(acts)} runs of a width (cells x seeds), exact from the order "
+            f"statistics; \"test\" is the held-out test accuracy of the run each search selects, the number to "
+            f"compare models by. [95% CI]: {s['statistics']['ci']}. Verdicts from the CI of the test-accuracy "
+            f"difference; {len(s['results']) * len(ks)} intervals per activation, not adjusted for multiplicity.", ""]
+    for a in acts[1:]:
+        out += [f"| width | k | {base} best val | {a} best val | {base} test of selected | {a} test of selected | "
+                f"{a} − {base} test [95% CI] | verdict (test) |", "|---:|---:|---|---|---|---|---|---|"]
+        for r in s['results']:
+            for k in ks:
+                q = cks.index(k)
+                cb, ca, cmp = r['curves'][base], r['curves'][a], r['comparisons'][a]
+                out.append(f"| {r['width']} | {k} | {_ci_cell(cb['val'][q], cb['val_ci'][q])} | "
+                           f"{_ci_cell(ca['val'][q], ca['val_ci'][q])} | {_ci_cell(cb['test'][q], cb['test_ci'][q])} | "
+                           f"{_ci_cell(ca['test'][q], ca['test_ci'][q])} | "
+                           f"{_ci_cell(cmp['test_diff'][q], cmp['test_diff_ci'][q])} | "
+                           f"{_ffn_verdict(cmp['test_diff_ci'][q], a, base)} |")
+        out.append("")
+    out += ["## PD between seeds at one shared configuration", "",
+            "Per width, the cell with the best validation accuracy averaged over every activation and seed "
+            "(the same configuration for every model). Relative PD of the validation softmax between seeds, "
+            "mean over pairs [95% jackknife CI over trials]; the difference [95% CI] and its p-value are the "
+            "dispersion test's (is one model's spread between seeds larger?), Holm-adjusted over every width "
+            "and activation; shift p: the prediction-shift test (do the models predict differently at all?).", "",
+            "| width | cell (batch, lr) | " + " | ".join(f"{a} PD" for a in acts) + " | " +
+            " | ".join(f"{a} − {base} [95% CI], p (Holm) | shift p" for a in acts[1:]) + " |",
+            "|---:|---|" + "---|" * len(acts) + "---|---|" * (len(acts) - 1)]
+    for r in s['results']:
+        pd = r['pd']
+        cells = [_ci_cell((pd['activations'].get(a) or {}).get('relative_pd'), (pd['activations'].get(a) or {}).get('ci'))
+                 for a in acts]
+        for a in acts[1:]:
+            c = pd['comparisons'].get(a) or {}
+            p = '—' if c.get('p_value_holm') is None else f"{c['p_value_holm']:.3g}"
+            shift = '—' if c.get('prediction_shift_p_value') is None else f"{c['prediction_shift_p_value']:.3g}"
+            cells += [f"{_ci_cell(c.get('difference'), c.get('ci'))}, p {p}" + (f" ({c['note']})" if c.get('note') else ''),
+                      shift]
+        out.append(f"| {r['width']} | {pd['batch_size']}, {pd['learning_rate']:g} | " + " | ".join(cells) + " |")
+    out += ["", "## Every cell", "", "Means over seeds.", "",
+            "| width | batch | lr | " + " | ".join(f"{a} val | {a} test | {a} PD" for a in acts) + " |",
+            "|---:|---:|---:|" + "---:|---:|---:|" * len(acts)]
+    for c in s['cells']:
+        out.append(f"| {c['width']} | {c['batch_size']} | {c['learning_rate']:g} | " + " | ".join(
+            f"{_ci_cell((c.get(a) or {}).get('val_accuracy'), None)} | {_ci_cell((c.get(a) or {}).get('test_accuracy'), None)} | "
+            f"{_ci_cell((c.get(a) or {}).get('relative_pd'), None)}" for a in acts) + " |")
+    t = s['timing']
+    out += ["", "## Caveats", "",
+            "- The intervals cover seed-to-seed variation on this grid and data split; they say nothing about "
+            "other grids, epochs or datasets. For k approaching the number of runs, best-of-k tends to the single "
+            "best run, where a bootstrap is unreliable: the table stops at k = 8.",
+            "- Validation accuracy selects; it is optimistic for the selected run. Compare models by the test column.",
+            "- Missing or failed runs count as draws that are never selected (see Warnings).", "",
+            "## Inputs", "", f"{t['n_trials']} trials in {n_cells} cells; sum of the trials' own all-in times "
+            f"{t['trial_seconds']:.0f} s ({'/'.join(t['threads'])} thread(s) per trial; {', '.join(t['devices'])}); "
+            f"git commits {', '.join(s['provenance']['git_commits'])}. SHA-256 of every input file: summary.json, "
+            f"provenance.files. Each cell is an ordinary study: `python analyze_results.py --results-dir <cell>`.", ""]
+    return "\n".join(out)
+
+
+def analyze_ffn(root, load_study, build_summary, plots_dir=None, baseline=None, plots=True, verbose=True):
+    """The FFN study's summary.json, REPORT.md and plots (ffn_*.png) in root; returns the summary.
+    Raises AnalysisError on input it cannot use, before writing anything."""
+    summary = json_ready(build_ffn_summary(root, load_study, build_summary, baseline))
+    report = render_ffn_report(summary)
+    figs = plot_utils.ffn_figures(summary) if plots else {}
+    write_json(os.path.join(root, 'summary.json'), summary)
+    write_text(os.path.join(root, 'REPORT.md'), report)
+    written = plot_utils.save_figures(figs, plots_dir or os.path.join(root, 'plots'))
+    if verbose:
+        for w in summary['warnings']:
+            print(f"warning: {w}", file=sys.stderr)
+        print(f"{summary['timing']['n_trials']} trials in {len(summary['cells'])} cells analysed; wrote "
+              f"{os.path.join(root, 'summary.json')}, {os.path.join(root, 'REPORT.md')}"
+              + (f" and {len(written)} plots in {os.path.dirname(written[0])}" if written else ''))
+    return summary
