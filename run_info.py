@@ -91,7 +91,7 @@ def timing_note(info):
              (('threads', 'thread counts'), ('devices', 'devices')) if len(info[k]) > 1]
     if mixed:
         note += (f". **The trials ran on {' and '.join(mixed)}**: times across them are not comparable"
-                 + (f"; rows marked † mix them within one model x activation" if info['groups_mixing_threads'] else ''))
+                 + ("; rows marked † mix them within one model x activation" if info['groups_mixing_threads'] else ''))
     return note + "."
 
 
