@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from activation_names import (ACTIVATION_NAMES, base_activation, check_activation, is_gated,  # noqa: F401  # noqa: F401  (re-exported: the models import names from here)
+from activation_names import (ACTIVATION_NAMES, base_activation, check_activation, is_gated,  # noqa: F401
                               smelu_beta)
 
 
