@@ -77,10 +77,6 @@ from time_estimate import estimate, show_path as _show_path
 STUDY_NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
 
 
-def _fmt_seconds(s):
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
-
-
 # ----------------------------------------------------------------------------- command line
 
 EPILOG = f"""study designs (--study NAME):
@@ -409,7 +405,7 @@ def dry_run(plan):
     width = max([len(job_name(j)) for j in plan['to_run'] + plan['done']] + [10])
     damaged = {id(job): (path, state) for job, path, state in plan['damaged']}
     for job, s in zip(plan['to_run'], per):
-        est = f"~{_fmt_seconds(s)}" if s is not None else 'no estimate'
+        est = f"~{cli.fmt_seconds(s)}" if s is not None else 'no estimate'
         if id(job) in damaged:
             path, state = damaged[id(job)]
             print(f"  damaged {job_name(job):{width}s}  {est}; {_show_path(path)} is {state}: its files would be "
@@ -427,12 +423,12 @@ def dry_run(plan):
         return 0
     if known:
         total = sum(known)
-        line = f"estimated time (an estimate of time only, not of any result): ~{_fmt_seconds(total)} of trial time"
+        line = f"estimated time (an estimate of time only, not of any result): ~{cli.fmt_seconds(total)} of trial time"
         if len(known) < len(per):  # a partial sum must not read as the whole sweep's time
             line += (f" for the {len(known)} of {len(per)} trials to run that have a figure "
                      f"({len(per) - len(known)} more without one)")
         if plan['workers'] and plan['workers'] > 1:
-            line += (f", roughly {_fmt_seconds(total / plan['workers'])} wall time with {plan['workers']} "
+            line += (f", roughly {cli.fmt_seconds(total / plan['workers'])} wall time with {plan['workers']} "
                      f"workers if parallel trials do not slow each other down")
         print(line)
         print(f"  from: {source}")
@@ -514,7 +510,7 @@ def _main(argv):
     ok, analysis = analyze_study(plan, args) if not args.no_analyze else (True, None)
     # one closing summary: the trials, then the analysis
     print(f"{len(finished)} trial(s) trained, {len(plan['done'])} already done, {len(failed)} failed "
-          f"in {_fmt_seconds(wall)}" + (f"; {analysis}" if analysis else ''))
+          f"in {cli.fmt_seconds(wall)}" + (f"; {analysis}" if analysis else ''))
     if failed:
         logs = sorted({sweep.failure_log(plan, j) for j in failed})
         where = logs[0] if len(logs) == 1 else f"the failures.jsonl of {len(logs)} cells under {plan['study_dir']}"

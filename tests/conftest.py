@@ -20,6 +20,14 @@ TINY_OVERRIDES = dict(n_layer=1, n_embd=16, n_head=2, block_size=16, batch_size=
                       eval_interval=3, eval_iters=2, n_eval=24, dropout=0.1)
 
 
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+    """The tiny corpus once per test module, for module-scoped studies."""
+    path = tmp_path_factory.mktemp('corpus') / 'tiny.txt'
+    path.write_text(TINY_TEXT, encoding='utf-8')
+    return str(path)
+
+
 @pytest.fixture
 def tiny_corpus(tmp_path):
     path = tmp_path / 'tiny.txt'

@@ -22,19 +22,12 @@ import run_info
 import run_all_experiments as sweep
 import train
 from config import Config, get_config
-from conftest import ROOT, TINY_TEXT
+from conftest import ROOT
 from model_factories import MODEL_NAMES, check_memory, estimate_memory
 
 TINY = ['--n_layer', '1', '--n_embd', '16', '--n_head', '2', '--block_size', '16', '--batch_size', '4',
         '--max_iters', '4', '--eval_interval', '2', '--eval_iters', '2', '--n_eval', '20', '--threads', '1']
 GRID = ['--models', 'minigpt', '--activations', 'relu', 'gelu', '--trials', '2']
-
-
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp('corpus') / 'tiny.txt'
-    path.write_text(TINY_TEXT, encoding='utf-8')
-    return str(path)
 
 
 @pytest.fixture(scope='module')

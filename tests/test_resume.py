@@ -25,7 +25,7 @@ import mnist
 import report
 import run_all_experiments as rae
 import train
-from conftest import ROOT, TINY_TEXT
+from conftest import ROOT
 from fileio import sha256_file
 from prepare_data import make_task
 from trial_files import trial_path
@@ -33,13 +33,6 @@ from trial_files import trial_path
 # 12 iterations, an evaluation (and by default a checkpoint) every 4: checkpoints at 4 and 8
 TINY = ['--n_layer', '1', '--n_embd', '16', '--n_head', '2', '--block_size', '16', '--batch_size', '4',
         '--max_iters', '12', '--eval_interval', '4', '--eval_iters', '2', '--n_eval', '24', '--dropout', '0.1']
-
-
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp('corpus') / 'tiny.txt'
-    path.write_text(TINY_TEXT, encoding='utf-8')
-    return str(path)
 
 
 def train_argv(corpus, results, vary='all', *extra):

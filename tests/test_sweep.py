@@ -20,7 +20,7 @@ import run_all_experiments as rae
 import sweep
 import time_estimate
 import train
-from conftest import ROOT, TINY_TEXT
+from conftest import ROOT
 
 GRID = ['--models', 'minigpt', 'charlm', '--activations', 'relu', 'gelu', '--trials', '2']
 TINY = ['--n_layer', '1', '--n_embd', '16', '--n_head', '2', '--block_size', '16', '--batch_size', '4',
@@ -78,13 +78,6 @@ def assert_every_file_parses(results):
             assert set(checkpoint.FIELDS) <= set(state) and state['iter'] > 0, path
         elif name != '.sweep.lock':
             raise AssertionError(f"unexpected file in results: {path}")
-
-
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp('corpus') / 'tiny.txt'
-    path.write_text(TINY_TEXT, encoding='utf-8')
-    return str(path)
 
 
 @pytest.fixture(scope='module')
