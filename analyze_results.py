@@ -21,10 +21,7 @@ one study per grid cell) gets the FFN study's report instead: ffn_report.py.
 """
 import argparse
 import glob
-import hashlib
-import io
 import json
-import math
 import os
 import sys
 
@@ -35,129 +32,39 @@ import metrics
 import plot_utils
 import routing_metrics
 import sanity
+import store
 from cli import EXIT_FAILURE, EXIT_INTERRUPT, EXIT_USAGE, check_writable, exit_help, os_error_message
 from config import Parser
-from fileio import AnalysisError, json_ready, write_json, write_text
-from report import num, render_report
-from run_info import config_differences, differences_md, study_info, study_labels, with_study_header
+from fileio import AnalysisError, is_number, json_ready, write_json, write_text
+from report import render_compare, render_report
+from run_info import config_differences, study_info, study_labels
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = store.SCHEMA_VERSION
 TRIAL_METRICS = ('train_loss', 'val_loss', 'perplexity', 'val_accuracy', 'token_accuracy', 'training_time',
                  'total_time', 'tokens_per_sec')
 # mixture-of-experts trials (switchlm) also record these (see moe.py); summarised when present
 MOE_METRICS = ('moe_dropped_fraction', 'moe_router_entropy', 'moe_aux_loss', 'moe_z_loss')
-REQUIRED_METRICS = ('train_loss', 'val_loss', 'val_accuracy', 'training_time')
 PROVENANCE_KEYS = ('git_commit', 'git_dirty', 'torch_version', 'cuda_version', 'device', 'device_name',
                    'deterministic', 'python_version', 'hostname')
 
 
-class BadFile(Exception):
-    """One result file that cannot be used; the analysis lists it and goes on."""
-
-
-def _finite(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _sha256(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-# ----------------------------------------------------------------------------- loading
-
 def load_trial(path, study_dir):
-    """One trial as a dict (record, probs, eval_indices, targets, ...); raises BadFile."""
+    """One trial as the analysis uses it, through the store's one validator (store.load_trial);
+    raises store.BadFile."""
     rel = os.path.relpath(path, study_dir)
-    model, activation, fname = rel.split(os.sep)[-3:]
-    try:
-        with open(path, 'rb') as f:
-            raw = f.read()
-        rec = json.loads(raw)
-    except (OSError, ValueError) as e:
-        raise BadFile(f"unreadable JSON ({e})")
-    if not isinstance(rec, dict):
-        raise BadFile("not a JSON object")
-    if rec.get('schema_version') != SCHEMA_VERSION:
-        raise BadFile(f"schema_version {rec.get('schema_version')!r}, this analysis reads {SCHEMA_VERSION}")
-    if rec.get('source') != 'measured':
-        raise BadFile(f"source is {rec.get('source')!r}, not 'measured'")
-    where = (model, activation, fname[len('trial_'):-len('.json')])
-    says = (rec.get('model'), rec.get('activation'), str(rec.get('trial')))
-    if says != where or not isinstance(rec.get('trial'), int):
-        raise BadFile(f"says model/activation/trial {'/'.join(says)} but lies at {'/'.join(where)}")
-    m = rec.get('metrics')
-    bad = [k for k in REQUIRED_METRICS if not (isinstance(m, dict) and _finite(m.get(k)))]
-    if bad:
-        raise BadFile(f"metrics {', '.join(bad)} missing or not finite numbers")
-    for key in ('eval_hash', 'predictions_file', 'predictions_sha256'):
-        if not isinstance(rec.get(key), str) or not rec[key]:
-            raise BadFile(f"no {key}")
-    pf = rec['predictions_file']
-    if os.path.basename(pf) != pf:
-        raise BadFile(f"predictions_file {pf!r} is not a file name beside the JSON")
-    try:
-        with open(os.path.join(os.path.dirname(path), pf), 'rb') as f:
-            npz = f.read()
-    except OSError as e:
-        raise BadFile(f"predictions file {pf} missing or unreadable ({e.strerror})")
-    if _sha256(npz) != rec['predictions_sha256']:
-        raise BadFile(f"{pf} does not match predictions_sha256 (truncated or changed after the trial wrote it)")
-    try:
-        with np.load(io.BytesIO(npz), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in ('probs', 'eval_indices', 'targets')}
-            # a mixture-of-experts trial's first-choice experts [n_eval, moe_layers, T]
-            routing = z['routing'] if 'routing' in z.files else None
-    except Exception as e:  # a corrupt archive fails in zipfile, zlib or numpy: any of them = unusable
-        raise BadFile(f"{pf} cannot be loaded ({type(e).__name__}: {e})")
-    probs = arrays['probs']
-    if probs.ndim != 2 or probs.shape[0] == 0 or not np.issubdtype(probs.dtype, np.floating):
-        raise BadFile(f"{pf}: probs should be a float array [n_eval, n_classes], got {probs.dtype} {probs.shape}")
-    if not np.isfinite(probs).all() or (probs < 0).any() or not np.allclose(probs.sum(1, dtype=np.float64), 1, atol=1e-3):
-        raise BadFile(f"{pf}: probs rows are not probability distributions")
-    for k in ('eval_indices', 'targets'):
-        if arrays[k].shape != (len(probs),):
-            raise BadFile(f"{pf}: {k} has shape {arrays[k].shape}, expected ({len(probs)},)")
-    if routing is not None and (routing.ndim < 2 or len(routing) != len(probs)
-                                or not np.issubdtype(routing.dtype, np.integer) or (routing < 0).any()):
-        raise BadFile(f"{pf}: routing should be non-negative expert indices [n_eval, layers, ...], "
-                      f"got {routing.dtype} {routing.shape}")
+    model, activation, _ = rel.split(os.sep)[-3:]
+    t = store.load_trial(path)
+    rec, pf = t['record'], t['record']['predictions_file']
     h = rec.get('history')
     curves_ok = isinstance(h, dict) and all(
-        isinstance(h.get(k), list) and len(h[k]) == len(h.get('iter') or [None]) and all(map(_finite, h[k]))
+        isinstance(h.get(k), list) and len(h[k]) == len(h.get('iter') or [None]) and all(map(is_number, h[k]))
         for k in ('iter', 'train_loss', 'val_loss'))
     if not curves_ok:  # the PD numbers do not need it: keep the trial, drop its curve
         rec['history'] = None
-    return {'model': model, 'activation': activation, 'trial': rec['trial'], 'history_ok': curves_ok,
-            'name': f"{model}/{activation}/trial_{rec['trial']}", 'record': rec, 'eval_hash': rec['eval_hash'],
-            **arrays, 'routing': routing,
-            'files': [{'path': rel, 'sha256': _sha256(raw)},
+    return {**t, 'model': model, 'activation': activation, 'trial': rec['trial'], 'history_ok': curves_ok,
+            'name': f"{model}/{activation}/trial_{rec['trial']}", 'eval_hash': rec['eval_hash'],
+            'files': [{'path': rel, 'sha256': t['json_sha256']},
                       {'path': os.path.join(os.path.dirname(rel), pf), 'sha256': rec['predictions_sha256']}]}
-
-
-def load_failures(study_dir, bad):
-    """Records of failures.jsonl (trials that crashed); unreadable lines go to `bad`."""
-    path = os.path.join(study_dir, 'failures.jsonl')
-    if not os.path.exists(path):
-        return []
-    out = []
-    try:
-        with open(path, encoding='utf-8') as f:
-            lines = f.readlines()
-    except (OSError, UnicodeDecodeError) as e:
-        bad.append({'path': 'failures.jsonl', 'reason': f"unreadable ({e})"})
-        return []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            if not isinstance(rec, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            bad.append({'path': f'failures.jsonl line {n}', 'reason': f"unreadable ({e})"})
-            continue
-        out.append(rec)
-    return out
 
 
 def load_study(study_dir):
@@ -170,14 +77,14 @@ def load_study(study_dir):
     for path in sorted(glob.glob(os.path.join(study_dir, '*', '*', 'trial_*.json'))):
         try:
             trials.append(load_trial(path, study_dir))
-        except BadFile as e:
+        except store.BadFile as e:
             bad.append({'path': os.path.relpath(path, study_dir), 'reason': str(e)})
     # the trainer writes the .npz first and the .json last: an .npz alone is an unfinished trial
     for path in sorted(glob.glob(os.path.join(study_dir, '*', '*', 'trial_*.npz'))):
         if not os.path.exists(path[:-len('npz')] + 'json'):
             bad.append({'path': os.path.relpath(path, study_dir), 'reason': "no trial JSON beside it (unfinished trial)"})
     trials.sort(key=lambda t: (t['model'], t['activation'], t['trial']))
-    return trials, bad, load_failures(study_dir, bad)
+    return trials, bad, store.read_failures(study_dir, bad)
 
 
 # ----------------------------------------------------------------------------- one model x activation
@@ -193,13 +100,13 @@ def summarize_group(model, activation, trials, warnings):
         rows.append({'trial_id': t['trial'], **{k: m.get(k) for k in TRIAL_METRICS},
                      'n_params': m.get('n_params'), 'peak_memory_mb': m.get('peak_memory_mb'),
                      'seeds': r.get('seeds'), 'history': r.get('history')})
-    moe = [k for k in MOE_METRICS if all(_finite(r['metrics'].get(k)) for r in recs)]
+    moe = [k for k in MOE_METRICS if all(is_number(r['metrics'].get(k)) for r in recs)]
     for t, row in zip(trials, rows):
         row.update({k: t['record']['metrics'][k] for k in moe})
     stats = {}
     for k in TRIAL_METRICS + tuple(moe):
         values = [row[k] for row in rows]
-        stats[k] = metrics.describe(values) if all(_finite(v) for v in values) else None
+        stats[k] = metrics.describe(values) if all(is_number(v) for v in values) else None
     entry = {
         'model_name': model, 'activation': activation, 'task': recs[0].get('task'), 'vary': recs[0].get('vary'),
         'n_trials': n, 'trial_ids': [t['trial'] for t in trials], 'config': recs[0].get('config'),
@@ -297,9 +204,7 @@ def holm_and_verdicts(comparisons):
     """Holm over all comparisons of the study, separately for each test, then the verdict of
     each dispersion test in words."""
     for test in ('dispersion', 'prediction_shift'):
-        tested = [c[test] for c in comparisons if c[test]]
-        for res, p in zip(tested, metrics.holm([r['p_value'] for r in tested])):
-            res['p_value_holm'] = p
+        metrics.holm_in_place([c[test] for c in comparisons])
     m = sum(1 for c in comparisons if c['dispersion'])
     for c in comparisons:
         if c['dispersion']:
@@ -413,7 +318,7 @@ def analyze(study_dir, plots_dir=None, baseline=None, plots=True, verbose=True):
     # json_ready (fileio's one rule: a non-finite number is null) before the report and the
     # plots, so that they show exactly what summary.json holds
     summary = json_ready(build_summary(study_dir, baseline))
-    report = with_study_header(render_report(summary), summary)
+    report = render_report(summary)
     write_json(os.path.join(study_dir, 'summary.json'), summary)
     write_text(os.path.join(study_dir, 'REPORT.md'), report)
     written = plot_utils.make_plots(summary, plots_dir or os.path.join(study_dir, 'plots')) if plots else []
@@ -464,22 +369,13 @@ def compare_studies(dir_a, dir_b, out_dir=None, plots_dir=None, verbose=True):
         rows.append({'model': key[0], 'activation': key[1], 'a': a, 'b': b,
                      'change': {k: b[k] - a[k] if a[k] is not None and b[k] is not None else None for k in COMPARED}})
     comparison = {'schema_version': SCHEMA_VERSION, 'study_a': name_a, 'study_b': name_b, 'rows': rows,
+                  'compared': list(COMPARED),
                   'dir_a': os.path.abspath(dir_a), 'dir_b': os.path.abspath(dir_b), 'config_differences': differences,
                   'warnings': [f"{name_a}: {w}" for w in sa['warnings']] + [f"{name_b}: {w}" for w in sb['warnings']],
                   'provenance': {name_a + ' (a)': sa['provenance'], name_b + ' (b)': sb['provenance']}}
-    md = [f"# {name_a} vs {name_b}", "", f"a: `{os.path.abspath(dir_a)}`, b: `{os.path.abspath(dir_b)}`", "",
-          *differences_md(differences, name_a, name_b),
-          "Means over trials (relative PD: over pairs of trials); change = "
-          f"{name_b} − {name_a}; — where a study has no value.", "", "## Warnings", ""]
-    md += [f"- {w}" for w in comparison['warnings']] or ["None."]
-    md += ["", "| model | activation | trials | " + " | ".join(f"{k} {name_a} | {k} {name_b} | change" for k in COMPARED) + " |",
-           "|---|---|---|" + "---|---|---|" * len(COMPARED)]
-    for r in rows:
-        md.append(f"| {r['model']} | {r['activation']} | {r['a']['n_trials']} / {r['b']['n_trials']} | " +
-                  " | ".join(f"{num(r['a'][k])} | {num(r['b'][k])} | {num(r['change'][k])}" for k in COMPARED) + " |")
     fig = plot_utils.comparison_plot(rows, name_a, name_b)
     write_json(os.path.join(out_dir, 'compare.json'), comparison)
-    write_text(os.path.join(out_dir, 'COMPARE.md'), "\n".join(md) + "\n")
+    write_text(os.path.join(out_dir, 'COMPARE.md'), render_compare(comparison))
     plot_utils.save_figure(fig, os.path.join(plots_dir or out_dir, 'compare.png'))
     if verbose:
         if differences:

@@ -1,38 +1,34 @@
 """
 Mid-trial checkpoints: save, load and check everything the rest of a trial depends on, so
 that a trial killed at any moment continues from its last checkpoint and ends bitwise
-identical to an uninterrupted run on the same hardware at the same thread count.
+identical to an uninterrupted run on the same hardware at the same thread count. Where the
+file lives and when it is dropped is the store's business (store.TrialKey.ckpt,
+store.discard_checkpoint); what resume means: docs/trials-and-resume.md.
 
-A checkpoint is one hidden file beside the trial's result, <model>/<activation>/.trial_<k>.ckpt
-(torch.save of plain dicts and tensors, read back with weights_only=True), written
-atomically (fileio.atomic_write) every --checkpoint-every iterations and removed once the
-trial's JSON is written. It holds:
-    version, identity  the format, and the trial's identity (trial_files.trial_identity plus how
-                       it runs: device type, dtype, threads, ...): used only when both match
+A checkpoint is torch.save of plain dicts and tensors (read back with weights_only=True),
+written atomically every --checkpoint-every iterations, with a small JSON beside it
+(store.write_checkpoint_meta: iteration, identity digest) that a dry run reads without torch:
+    version, identity  the format, and the trial's identity plus how it runs (device type,
+                       dtype, threads, ...): used only when both match
     iter               training steps done
     model, optimizer   state dicts
     model_extra        the model's checkpoint_state() hook, if it has one (switchlm: the
                        routing statistics of every training pass, which its metrics average)
-    loop               the trainer's loop state: history, early-stopping state (best loss,
-                       best weights, evaluations since), elapsed times, start time,
-                       resumed_from, the stream fingerprints taken at iteration 0
-                       (trial_checks.stream_fingerprints), which a resumed trial never
-                       reaches (and whatever else the trainer puts there)
+    loop               the trainer's loop state (train.LoopState, as a dict): history,
+                       early stopping, elapsed times, resumed_from, stream fingerprints, snapshots
     rng                the global CPU RNG (dropout, router jitter); the CUDA RNG of the
                        trial's device when it is one
     data               the data generator's state when the stream began and the stream's
                        position (batches drawn): Task.train_batches(..., start=position)
                        restarts there bitwise
 A checkpoint that cannot be read, lacks a field or belongs to another identity is never
-used: find() says why in one line, sets the file aside (fileio.set_aside) and the trial
-starts over. TrialCheckpoints is what the trainer's loop calls: resume, when to save, save.
+used: find() says why in one line, sets the file aside and the trial starts over.
 
-Test hook (the kill tests; unset in normal use): REPRO_TEST_KILL_AT=step:N SIGKILLs this
-process when it has run N training steps (over all its trials), at the loop top where the
-next step would start (after any evaluation and checkpoint due there);
-REPRO_TEST_KILL_AT=checkpoint-write:N half-way through writing its N-th checkpoint.
+Test hook (the kill tests; unset in normal use, read once per process, not per step):
+REPRO_TEST_KILL_AT=step:N SIGKILLs the process when it has run N training steps (over all its
+trials), where the next step would start; REPRO_TEST_KILL_AT=checkpoint-write:N half-way
+through writing its N-th checkpoint.
 """
-import glob
 import io
 import os
 import signal
@@ -40,36 +36,16 @@ import time
 
 import torch
 
-from fileio import atomic_write, set_aside
+import store
+from fileio import atomic_write
 
-VERSION = 2  # 2: the loop state carries the stream fingerprints
+VERSION = 3  # 3: the loop state is train.LoopState's fields (snapshots included)
 FIELDS = ('version', 'identity', 'iter', 'model', 'optimizer', 'model_extra', 'loop', 'rng', 'data')
 KILL_ENV = 'REPRO_TEST_KILL_AT'
 
 
 class CheckpointError(Exception):
     """A checkpoint that must not be used; the message says why."""
-
-
-def checkpoint_path(json_path):
-    """.trial_<k>.ckpt beside trial_<k>.json."""
-    folder, name = os.path.split(json_path)
-    return os.path.join(folder, '.' + os.path.splitext(name)[0] + '.ckpt')
-
-
-def temp_files(path):
-    """Temp files a write of this checkpoint left when it was killed (fileio.atomic_write's names)."""
-    folder, name = os.path.split(path)
-    return glob.glob(os.path.join(glob.escape(folder), glob.escape('.' + name) + '*.tmp'))
-
-
-def discard(path):
-    """Remove the checkpoint and its temp files (the trial is done, or --force starts it over)."""
-    for p in [path] + temp_files(path):
-        try:
-            os.remove(p)
-        except FileNotFoundError:
-            pass
 
 
 # ----------------------------------------------------------------------------- random streams
@@ -121,7 +97,7 @@ def load(path, identity):
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 -- a truncated or corrupt file fails in zipfile, pickle or torch
-        why = (str(e).strip().splitlines() or [''])[0][:120]
+        why = (str(e).strip().splitlines() or [''])[0][:120] or 'no message'  # never an empty reason
         raise CheckpointError(f"is truncated or corrupt ({type(e).__name__}: {why})") from None
     missing = [f for f in FIELDS if not isinstance(state, dict) or f not in state]
     if missing:
@@ -147,18 +123,17 @@ def differences(old, new, prefix=''):
     return out
 
 
-def find(path, identity, study_dir):
-    """(checkpoint or None, one-line note or None) for a trial starting: its checkpoint if
-    there is a usable one; a refused one is moved aside (fileio.set_aside) and said so."""
-    for tmp in temp_files(path):  # a write that was killed: the checkpoint before it is whole
+def find(key, identity):
+    """(checkpoint or None, one-line note or None) for trial `key` starting: its checkpoint if
+    there is a usable one; a refused one is moved aside (store.set_aside_checkpoint) and said so."""
+    for tmp in store.checkpoint_temp_files(key):  # a write that was killed: the one before it is whole
         os.remove(tmp)
-    if not os.path.exists(path):
+    if not os.path.exists(key.ckpt):
         return None, None
     try:
-        return load(path, identity), None
+        return load(key.ckpt, identity), None
     except CheckpointError as e:
-        kept = set_aside([path], study_dir)
-        return None, f"checkpoint {path} {e}; kept as {kept[0]}; the trial starts over"
+        return None, f"checkpoint {key.ckpt} {e}; kept as {store.set_aside_checkpoint(key)}; the trial starts over"
 
 
 def restore(state, model, optimizer, data_generator, device):
@@ -178,14 +153,13 @@ def restore(state, model, optimizer, data_generator, device):
 
 class TrialCheckpoints:
     """The checkpoints of one running trial, as train.run_trial uses them: resume() once
-    before the loop, due(it) and save() before each step, discard() once the JSON is written.
+    before the loop, due(it) and save() before each step, discard() once the result is saved.
     `identity`: the trial's identity plus how it runs (device type, dtype, threads, ...), since
     a checkpoint continues bitwise only on the same; `every`: iterations between checkpoints
     (0: none); `data_generator`: the training stream's, not yet drawn from."""
 
-    def __init__(self, json_path, identity, every, study_dir, device, data_generator):
-        self.path = checkpoint_path(json_path)
-        self.identity, self.every, self.study_dir, self.device = identity, every, study_dir, device
+    def __init__(self, key, identity, every, device, data_generator):
+        self.key, self.identity, self.every, self.device = key, identity, every, device
         self.data_state = data_generator.get_state()  # where the stream begins
         self.resumed_at = None  # the iteration resumed at: its evaluation and checkpoint are in the checkpoint
         self.time = 0.0  # seconds spent writing checkpoints, over all the runs of the trial
@@ -197,7 +171,7 @@ class TrialCheckpoints:
         if force:
             self.discard()
             return None
-        state, why = find(self.path, self.identity, self.study_dir)
+        state, why = find(self.key, self.identity)
         if why:
             note(why)
         if state is None:
@@ -213,14 +187,15 @@ class TrialCheckpoints:
 
     def save(self, it, position, model, optimizer, loop):
         """Save the trial at iteration `it`, its stream having given `position` batches;
-        `loop`: the trainer's loop state (history, early stopping, elapsed times, ...)."""
+        `loop`: the trainer's loop state as a dict."""
         t0 = time.time()
-        save(self.path, make(self.identity, it, model, optimizer, {**loop, 'checkpoint_time': self.time},
-                             self.device, self.data_state, position))
+        save(self.key.ckpt, make(self.identity, it, model, optimizer, {**loop, 'checkpoint_time': self.time},
+                                 self.device, self.data_state, position))
+        store.write_checkpoint_meta(self.key, it, self.identity)
         self.time += time.time() - t0
 
     def discard(self):
-        discard(self.path)
+        store.discard_checkpoint(self.key)
 
 
 # ----------------------------------------------------------------------------- test hook
@@ -238,8 +213,14 @@ def _kill_due(event, offset=0):
     return kind == event and n.isdigit() and _counts[event] == int(n) + offset
 
 
-def before_step():
-    """Called before each training step: REPRO_TEST_KILL_AT=step:N kills the process when it
-    has run N steps (at the N+1-th call)."""
-    if _kill_due('step', offset=1):
-        os.kill(os.getpid(), signal.SIGKILL)
+def step_kill_hook():
+    """None in normal use (REPRO_TEST_KILL_AT unset or not step:N), so the training loop pays
+    one `if` per step; else a function to call before each step that kills the process when
+    it has run N steps (at the N+1-th call)."""
+    if not os.environ.get(KILL_ENV, '').startswith('step:'):
+        return None
+
+    def before_step():
+        if _kill_due('step', offset=1):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return before_step

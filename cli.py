@@ -1,9 +1,9 @@
 """
 What the command lines (train.py, run_all_experiments.py, analyze_results.py,
-model_factories.py) share beyond their flags: one exit-code convention, one-line messages
-for operating-system errors, a check that a results folder can be written before anything
-runs, progress lines for logs, and a Ctrl-C that stops promptly. Standard library only:
-the analysis side imports it without torch.
+model_factories.py) share: the run flags and RunOptions built from them, one exit-code
+convention mapped from exceptions in one place, one-line messages for operating-system
+errors, a check that a results folder can be written before anything runs, progress lines
+for logs, and a Ctrl-C that stops promptly. No torch: the analysis side imports it too.
 """
 import os
 import signal
@@ -11,6 +11,11 @@ import sys
 import textwrap
 import threading
 import time
+from dataclasses import replace
+
+from config import DTYPES, RunOptions, add_config_args
+from fileio import DataError
+from store import VARY_MODES
 
 # The exit status of every script (documented in each --help).
 EXIT_OK = 0
@@ -22,6 +27,23 @@ EXIT_HELP = ("exit status: 0 done; 1 a failure while running (a trial or the ana
              "or folder could not be read or written: the message names the path); 2 a usage error "
              "(a bad flag, name or value, or a conflict with saved results), found before anything "
              "runs; 130 interrupted (Ctrl-C).")
+
+
+def exit_code(e):
+    """The exit status for an exception that ends a command (the one ladder, for every main):
+    usage errors (bad names, values, files, conflicts with saved results) 2, interrupts 130,
+    anything else 1."""
+    if isinstance(e, KeyboardInterrupt):
+        return EXIT_INTERRUPT
+    if isinstance(e, (ValueError, DataError, FileExistsError)):
+        return EXIT_USAGE
+    return EXIT_FAILURE
+
+
+def error_line(e):
+    """The one line an exception that ends a command prints."""
+    text = os_error_message(e) if isinstance(e, OSError) and not isinstance(e, FileExistsError) else str(e)
+    return f"error: {' '.join(text.split())}"
 
 
 def exit_help(width=88):
@@ -172,3 +194,36 @@ def stop_promptly_on_ctrl_c(grace=5.0):
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     threading.Thread(target=watch, daemon=True, name='ctrl-c-watch').start()
     _interrupt['installed'] = True
+
+
+# ----------------------------------------------------------------------------- run flags
+
+def add_run_args(parser, study_help="results sub-folder (default: the preset's name, plus the overrides if any)"):
+    """Flags of train.py and run_all_experiments.py that are not hyper-parameters, then one
+    flag per Config field (config.add_config_args)."""
+    parser.add_argument('--results-dir', default='results')
+    parser.add_argument('--study', default=None, help=study_help)
+    parser.add_argument('--vary', default='all', choices=VARY_MODES,
+                        help='which randomness changes across trials (default: all)')
+    parser.add_argument('--deterministic', action='store_true', help="PyTorch's deterministic algorithms")
+    parser.add_argument('--device', default='auto', help='auto | cpu | cuda | cuda:N')
+    parser.add_argument('--dtype', default='auto', choices=DTYPES,
+                        help='autocast dtype (auto: bfloat16 on CUDA where supported, else float32)')
+    parser.add_argument('--compile', action='store_true', help='torch.compile the model (opt-in)')
+    parser.add_argument('--data', default=None, help='a UTF-8 text file to train on (sets --dataset)')
+    parser.add_argument('--data-dir', default=None, help='where corpora live (default: $REPRO_DATA_DIR or ./data)')
+    parser.add_argument('--save-checkpoints', action='store_true', help='also save trial_<k>.pt')
+    parser.add_argument('--force', action='store_true',
+                        help='rerun trials whose results exist, and start over those with a checkpoint')
+    parser.add_argument('--checkpoint-every', type=int, default=None, metavar='N',
+                        help='iterations between mid-trial checkpoints, which a killed trial resumes from '
+                             '(default: every evaluation point; 0: none)')
+    add_config_args(parser)
+
+
+def run_options(args, **changes):
+    """RunOptions from the flags of add_run_args plus --threads (both command lines have it)."""
+    return replace(RunOptions(results_dir=args.results_dir, vary=args.vary, device=args.device, dtype=args.dtype,
+                              deterministic=args.deterministic, compile=args.compile, data_dir=args.data_dir,
+                              save_checkpoints=args.save_checkpoints, force=args.force,
+                              threads=args.threads, checkpoint_every=args.checkpoint_every), **changes)

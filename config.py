@@ -1,6 +1,8 @@
 """
-Every hyper-parameter in one dataclass, the named presets of the original study, and the
+Every hyper-parameter in one dataclass (Config: what a trial trains), how trials run
+(RunOptions), the named presets of the original study, which fields the data fixes, and the
 command-line flags (one per field, same name) shared by train.py and run_all_experiments.py.
+No torch.
 """
 import argparse
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -105,6 +107,55 @@ class Config:
 
 
 LR_SCHEDULES = ('constant', 'cosine')
+DTYPES = ('auto', 'float32', 'bfloat16', 'float16')  # autocast dtypes (device.autocast_dtype)
+CLASSIFICATION_DATASETS = ('mnist', 'mnist1d')  # flat-input classification (mnist.py); any other: text
+
+
+def task_kind(dataset):
+    """'classification' or 'lm': the one place that decides it from the dataset name."""
+    return 'classification' if dataset in CLASSIFICATION_DATASETS else 'lm'
+
+
+def data_fields(kind, epochs=0):
+    """The Config fields the data fixes (Task.config_updates fills them in): never a user's choice."""
+    if kind == 'classification':
+        return ('vocab_size', 'n_inputs', 'n_eval') + (('max_iters',) if epochs else ())
+    return ('vocab_size',)
+
+
+def n_evaluations(config):
+    """Loss estimates in a trial that runs to max_iters: every eval_interval steps and at the end."""
+    return config.max_iters // config.eval_interval + 1 + bool(config.max_iters % config.eval_interval)
+
+
+def lower_bound_config(config):
+    """config with the sizes the data fixes (vocab_size, n_inputs) at 1 where not yet known:
+    for a memory estimate that can only grow once the data is read."""
+    return replace(config, vocab_size=config.vocab_size or 1, n_inputs=config.n_inputs or 1)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How trials run, as opposed to what they train (Config): the same for every trial of
+    a sweep, except device and threads, which the sweep sets per worker slot."""
+    results_dir: str = 'results'
+    vary: str = 'all'              # which seeds follow the trial (store.VARY_MODES)
+    device: str = 'auto'           # auto | cpu | cuda | cuda:N
+    dtype: str = 'auto'            # autocast dtype (device.autocast_dtype)
+    deterministic: bool = False    # PyTorch's deterministic algorithms
+    compile: bool = False          # torch.compile the model
+    data_dir: str | None = None    # None: $REPRO_DATA_DIR or ./data
+    save_checkpoints: bool = False  # also save trial_<k>.pt
+    force: bool = False            # rerun (overwrite) a trial whose result exists
+    threads: int | None = None     # torch CPU threads (None: leave as is)
+    progress: bool = True          # a progress bar on a terminal
+    checkpoint_every: int | None = None  # iterations between mid-trial checkpoints (None: every
+                                         # evaluation point; 0: none)
+    preset: str | None = None      # the preset the config came from: recorded in each trial, for the report
+
+    def __post_init__(self):
+        if self.checkpoint_every is not None and self.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}")
 GATED_WIDTHS = ('same', 'matched')  # see model.ffn_units
 
 # Presets of the original study (cpu, gpu_lite, gpu, and gpu_full from config_full_gpu.py),
@@ -182,7 +233,7 @@ def preset_defaults(name):
 def add_config_args(parser, only=None):
     """--config PRESET plus one flag per Config field (--n_embd 64, --max_iters 10, ...);
     `only`: just these fields (a tool that uses a few of them)."""
-    parser.add_argument('--config', default='cpu', help="preset: " + ", ".join(preset_names()))
+    parser.add_argument('--config', default=None, help="preset: " + ", ".join(preset_names()) + " (default: cpu)")
     group = parser.add_argument_group('config overrides (each defaults to the preset\'s value: the '
                                       'cpu preset\'s, and the other presets\' where they differ)')
     for f in fields(Config):
@@ -195,4 +246,4 @@ def add_config_args(parser, only=None):
 
 def config_from_args(args):
     overrides = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
-    return get_config(args.config, **overrides)
+    return get_config(args.config or 'cpu', **overrides)

@@ -1,10 +1,10 @@
 """
 The study designs: what a named study (run_all_experiments.py --study NAME) runs unless flags
-say otherwise, and the jobs of a plan. A design with a `grid` also sweeps config fields: every
+say otherwise, and the cells of a grid. A design with a `grid` also sweeps config fields: every
 combination of the grid's values is a cell, an ordinary study folder
 <results-dir>/<study>/<root>/<cell> holding the models x activations x trials of that config
-(root and cell are formats over the cell's config). run_all_experiments.py turns the command
-line into a plan with these; sweep.py runs its jobs.
+(root and cell are formats over the cell's config). plan.py turns the command line into a plan
+with these; sweep.py runs its jobs.
 """
 import itertools
 from dataclasses import replace
@@ -55,14 +55,3 @@ def cells(design, config, given=None):
         cfg = replace(config, **dict(zip(values, combo))).validate()
         out.append((design['cell'].format(**cfg.to_dict()), cfg))
     return design['root'].format(**config.to_dict()), out
-
-
-def jobs(study, root, plan_cells, models, activations, trials):
-    """Every job of a plan: each cell's models x activations x trials, in the cell's own study
-    folder <study>/<root>/<cell> (the study itself when there is no grid)."""
-    out = []
-    for name, cfg in plan_cells:
-        cell_study = '/'.join(p for p in (study, root, name) if p)
-        out += [{'model': m, 'activation': a, 'trial': k, 'study': cell_study, 'config': cfg}
-                for m in models for a in activations for k in range(trials)]
-    return out

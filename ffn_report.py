@@ -149,9 +149,7 @@ def build_ffn_summary(root, load_study, build_summary, baseline=None):
         out_widths.append({'width': w, 'params': params, 'curves': curves, 'comparisons': comparisons, 'pd': pd,
                            'n_runs': int(np.isfinite(val).sum()), 'n_grid_runs': int(val.size)})
     # Holm over every width and activation's dispersion test (the cells' own Holm saw one width)
-    tested = [c for r in out_widths for c in r['pd']['comparisons'].values() if c['p_value'] is not None]
-    for c, p in zip(tested, metrics.holm([c['p_value'] for c in tested])):
-        c['p_value_holm'] = p
+    metrics.holm_in_place([c for r in out_widths for c in r['pd']['comparisons'].values()])
     cell_rows = []
     for key in sorted(by):
         c, row = by[key], {'cell': by[key]['name'], 'width': key[0], 'batch_size': key[1], 'learning_rate': key[2]}

@@ -8,6 +8,7 @@ analysis and plotting side must not import torch):
                                 way (to <study>/damaged/<time>/), never deleted
     data_dir, fetch_verified    where data lives; a data file checked by its digest and
                                 downloaded once if absent (both corpora: prepare_data, mnist)
+    is_number                   a finite int or float (not a bool)
     DataError                   a missing, corrupt or unusable data file
     AnalysisError               result files the analysis cannot use at all (analyze_results,
                                 ffn_report)
@@ -22,6 +23,11 @@ import urllib.request
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR_ENV = 'REPRO_DATA_DIR'
+
+
+def is_number(x):
+    """A finite int or float (not a bool): what a metric must be to count."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class DataError(Exception):

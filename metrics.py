@@ -366,6 +366,14 @@ def holm(p_values):
     return out
 
 
+def holm_in_place(results):
+    """Holm over a list of test results (dicts with 'p_value'; None entries and p None are
+    skipped): sets each one's 'p_value_holm'. The one place the correction is applied."""
+    tested = [r for r in results if r and r.get('p_value') is not None]
+    for r, p in zip(tested, holm([r['p_value'] for r in tested])):
+        r['p_value_holm'] = p
+
+
 # ============================================================================= FFN study: best-of-k
 # The mnist_ffn design (designs.py) trains every cell of a (width x batch size x learning rate)
 # grid with the same seeds; ffn_report.build_ffn_summary feeds these.

@@ -1,10 +1,76 @@
 """
-REPORT.md of an analysed study, rendered from its summary dict alone (analyze_results.py
-builds the dict). One job: say in words what the numbers support, and what they cannot
+Every Markdown report of an analysed study, rendered from its summary dict alone
+(analyze_results.py builds the dicts): REPORT.md (render_report) and COMPARE.md
+(render_compare). One job: say in words what the numbers support, and what they cannot
 support at the number of trials the study has. No torch.
 """
+import math
+
 import metrics
-from run_info import timing_cell
+
+
+def study_header(summary):
+    """The report's opening: what was run (Markdown lines)."""
+    info = summary.get('study_info')
+    if not info:
+        return []
+    o = info['overrides']
+    per = '/'.join(map(str, info['trials_per_group']))
+    lines = ["## What was run", "",
+             f"- Preset `{info['preset'].rstrip('?')}`" + (" (not recorded by these trials: the preset closest to their "
+                                                           "config)" if info['preset'].endswith('?') else '') + "; "
+             + (f"overrides: {', '.join(f'`{k} {v}`' for k, v in o.items())}" if o else "no overrides"),
+             f"- {info['n_trials']} trials: {len(info['models'])} model(s) x {len(info['activations'])} activation(s) "
+             f"x {per} trial(s); vary {', '.join(info['vary'])}; dtype {', '.join(info['dtypes'])}",
+             f"- Device: {', '.join(info['devices'])}; threads per trial: {', '.join(info['threads'])}",
+             f"- Tool: git commit {', '.join(f'`{c[:12]}`' for c in info['git_commits'])}"
+             + (" with uncommitted changes" if info['git_dirty'] else '')
+             + f"; torch {', '.join(info['torch_versions'])}"]
+    if info['config_fields_varying']:
+        lines.append(f"- **The trials do not share one config**: {', '.join(info['config_fields_varying'])} differ "
+                     f"(the overrides above are the first trial's)")
+    lines.append(f"- {timing_note(info)}")
+    return lines + [""]
+
+
+def timing_note(info):
+    """What the report's time column is, and whether its rows can be compared."""
+    note = ("Time per trial: all-in wall seconds (training, loss estimates, predictions, saving: what train.py "
+            "prints per trial), mean ± std over trials")
+    mixed = [f"{len(info[k])} {what} ({', '.join(info[k])})" for k, what in
+             (('threads', 'thread counts'), ('devices', 'devices')) if len(info[k]) > 1]
+    if mixed:
+        note += (f". **The trials ran on {' and '.join(mixed)}**: times across them are not comparable"
+                 + ("; rows marked † mix them within one model x activation" if info['groups_mixing_threads'] else ''))
+    return note + "."
+
+
+def timing_cell(r, info):
+    """Mean ± std of a group's all-in seconds per trial to the std's two significant digits."""
+    st = (r.get('trial_stats') or {}).get('total_time')
+    if not st:
+        return '—'
+    mark = ' †' if info and f"{r['model_name']}/{r['activation']}" in info.get('groups_mixing_threads', []) else ''
+    return mean_std(st['mean'], st['std']) + mark
+
+
+def mean_std(mean, std):
+    """Seconds as '95.5 ± 4.5' or '44.12 ± 0.31': the std to two significant digits and the mean
+    to the same decimal (at most two decimals); with no std, the mean to three significant digits."""
+    ref = std if std else abs(mean)
+    if not ref:
+        return '0'
+    d = min(2, max(0, (1 if std else 2) - math.floor(math.log10(ref))))  # timings: never below 10 ms
+    return f"{mean:.{d}f}" + (f" ± {std:.{d}f}" if std is not None else '')
+
+
+def differences_md(differences, name_a, name_b):
+    if not differences:
+        return ["The two studies ran the same config, vary mode, devices and threads per trial.", ""]
+    return ([f"**Not like for like**: the two studies differ in {len(differences)} setting(s); a change below may "
+             f"come from these and not only from what you meant to compare.", "",
+             f"| setting | {name_a} | {name_b} |", "|---|---|---|"]
+            + [f"| {k} | {a} | {b} |" for k, a, b in differences] + [""])
 
 
 def num(x, digits=4):
@@ -154,7 +220,7 @@ def comparison_section(s, model):
 
 
 def render_report(s):
-    out = [f"# Reproducibility report: {s['study']}", "",
+    out = [f"# Reproducibility report: {s['study']}", "", *study_header(s),
            "Every number below is computed from the trial files listed under Inputs. Relative PD = "
            "mean |p1 − p2| / (mean p1 + mean p2) between two trials' softmax outputs on the same "
            "evaluation set (= mean total-variation distance; 0 identical, 1 disjoint).", "", "## Warnings", ""]
@@ -184,3 +250,20 @@ def render_report(s):
             + '; '.join(f"{r['trial']} at iteration {', '.join(map(str, r['resumed_from']))}" for r in resumed) + "."
             if resumed else "No trial was resumed from a mid-trial checkpoint.", ""]
     return "\n".join(out)
+
+
+def render_compare(c):
+    """COMPARE.md: two studies side by side (analyze_results.compare_studies builds c)."""
+    name_a, name_b, compared = c['study_a'], c['study_b'], c['compared']
+    md = [f"# {name_a} vs {name_b}", "", f"a: `{c['dir_a']}`, b: `{c['dir_b']}`", "",
+          *differences_md(c['config_differences'], name_a, name_b),
+          "Means over trials (relative PD: over pairs of trials); change = "
+          f"{name_b} − {name_a}; — where a study has no value.", "", "## Warnings", ""]
+    md += [f"- {w}" for w in c['warnings']] or ["None."]
+    md += ["", "| model | activation | trials | " + " | ".join(f"{k} {name_a} | {k} {name_b} | change"
+                                                            for k in compared) + " |",
+           "|---|---|---|" + "---|---|---|" * len(compared)]
+    for r in c['rows']:
+        md.append(f"| {r['model']} | {r['activation']} | {r['a']['n_trials']} / {r['b']['n_trials']} | " +
+                  " | ".join(f"{num(r['a'][k])} | {num(r['b'][k])} | {num(r['change'][k])}" for k in compared) + " |")
+    return "\n".join(md) + "\n"

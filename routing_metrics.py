@@ -18,23 +18,14 @@ Input: the `routing` array a switchlm trial saves in its .npz (see moe.py):
 Any array with the layer on axis 1 works ([n, L] for last positions only, say); every
 other axis is flattened into tokens.
 
-    from routing_metrics import load_routing, pairwise_routing_agreement
-    r = pairwise_routing_agreement([load_routing(p) for p in npz_paths])
+    from routing_metrics import pairwise_routing_agreement
+    r = pairwise_routing_agreement([np.load(p)['routing'] for p in npz_paths])
     r['mean'], r['std'], r['per_layer_mean'], r['pairs']
 """
 import itertools
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-
-
-def load_routing(npz_path, key='routing'):
-    """The routing array of one trial's .npz (KeyError naming the file if it has none)."""
-    with np.load(npz_path) as z:
-        if key not in z.files:
-            raise KeyError(f"{npz_path} has no {key!r} array (not a mixture-of-experts trial?); "
-                           f"it has {', '.join(z.files)}")
-        return z[key]
 
 
 def _layers(routing):
@@ -74,8 +65,7 @@ def layer_agreement(a, b, n_experts=None):
     total = counts.sum()
     if total == 0:
         raise ValueError("no tokens to compare")
-    rows, cols = linear_sum_assignment(counts, maximize=True)
-    return float(counts[rows, cols].sum() / total)
+    return float(counts[np.arange(len(counts)), match_experts(counts)].sum() / total)
 
 
 def routing_agreement_per_layer(routing_a, routing_b, n_experts=None):
@@ -84,11 +74,6 @@ def routing_agreement_per_layer(routing_a, routing_b, n_experts=None):
     if la.shape != lb.shape:
         raise ValueError(f"routings have different shapes: {np.shape(routing_a)} vs {np.shape(routing_b)}")
     return np.array([layer_agreement(x, y, n_experts) for x, y in zip(la, lb)])
-
-
-def routing_agreement(routing_a, routing_b, n_experts=None):
-    """Routing agreement of two trials: mean over MoE layers of the per-layer agreement."""
-    return float(routing_agreement_per_layer(routing_a, routing_b, n_experts).mean())
 
 
 def chance_agreement(routing_a, routing_b, n_experts=None, seed=0):

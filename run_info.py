@@ -1,36 +1,28 @@
 """
-What a study ran, for the analysis (no torch): the preset closest to the config its trials
-recorded and every field that differs from it, the grid, the trial count, device and threads,
-the tool's git commit (study_info, into summary.json); the report's opening block built from
-it (study_header); the report's time column (timing_cell); and for --compare, labels that
-tell two studies apart and the settings in which they differ.
+What a study ran, from its trials' own records, for summary.json (no torch): the preset and
+every field that differs from it, the grid, the trial count, device and threads, the tool's
+git commit (study_info); and for --compare, labels that tell two studies apart and the
+settings in which they differ. report.py renders all of it.
 """
 import json
-import math
 import os
 
 import config as presets
 
 
-def data_fields(record):
-    """Config fields the data fixed for this trial (not the user's choice: never an override)."""
+def preset_and_overrides(record):
+    """(preset name, {field: value} where the trial's config differs from it). Trials record
+    their preset; for older ones without it, the preset from which the fewest fields differ
+    ('<name>?' marks the guess). Fields the data fixes are never overrides."""
     cfg = record.get('config') or {}
-    if record.get('task') == 'classification':
-        return {'vocab_size', 'n_inputs', 'n_eval'} | ({'max_iters'} if cfg.get('epochs') else set())
-    return {'vocab_size'}
-
-
-def closest_preset(record):
-    """(preset name, {field: value} where the trial's config differs from it): the preset
-    from which the fewest fields differ (the trial files record the config, not the preset's
-    name); fields the data fixes are left out."""
-    cfg, skip = record.get('config') or {}, data_fields(record)
+    skip = set(presets.data_fields(record.get('task'), cfg.get('epochs')))
+    names = [record['preset']] if record.get('preset') in presets.PRESETS else presets.preset_names()
     best = None
-    for name in presets.preset_names():
+    for name in names:
         p = presets.get_config(name).to_dict()
         diff = {k: cfg[k] for k in p if k in cfg and k not in skip and cfg[k] != p[k]}
         if best is None or len(diff) < len(best[1]):
-            best = (name, diff)
+            best = (name if len(names) == 1 else f"{name}?", diff)
     return best
 
 
@@ -39,7 +31,7 @@ def study_info(trials):
     count, device and threads, the tool's git commit(s)."""
     recs = [t['record'] for t in trials]
     prov = [r.get('provenance') or {} for r in recs]
-    preset, overrides = closest_preset(recs[0])
+    preset, overrides = preset_and_overrides(recs[0])
     configs = [r.get('config') or {} for r in recs]
     varying = sorted({k for c in configs for k in c if any(c2.get(k) != c.get(k) for c2 in configs)})
     groups = {}
@@ -58,66 +50,6 @@ def study_info(trials):
         'git_commits': values('git_commit'), 'git_dirty': any(p.get('git_dirty') for p in prov),
         'torch_versions': values('torch_version'), 'dtypes': values('dtype', recs),
     }
-
-
-def study_header(summary):
-    """The report's opening: what was run (Markdown lines)."""
-    info = summary.get('study_info')
-    if not info:
-        return []
-    o = info['overrides']
-    per = '/'.join(map(str, info['trials_per_group']))
-    lines = ["## What was run", "",
-             f"- Preset `{info['preset']}` (the preset closest to the config the trials recorded); "
-             + (f"overrides: {', '.join(f'`{k} {v}`' for k, v in o.items())}" if o else "no overrides"),
-             f"- {info['n_trials']} trials: {len(info['models'])} model(s) x {len(info['activations'])} activation(s) "
-             f"x {per} trial(s); vary {', '.join(info['vary'])}; dtype {', '.join(info['dtypes'])}",
-             f"- Device: {', '.join(info['devices'])}; threads per trial: {', '.join(info['threads'])}",
-             f"- Tool: git commit {', '.join(f'`{c[:12]}`' for c in info['git_commits'])}"
-             + (" with uncommitted changes" if info['git_dirty'] else '')
-             + f"; torch {', '.join(info['torch_versions'])}"]
-    if info['config_fields_varying']:
-        lines.append(f"- **The trials do not share one config**: {', '.join(info['config_fields_varying'])} differ "
-                     f"(the overrides above are the first trial's)")
-    lines.append(f"- {timing_note(info)}")
-    return lines + [""]
-
-
-def timing_note(info):
-    """What the report's time column is, and whether its rows can be compared."""
-    note = ("Time per trial: all-in wall seconds (training, loss estimates, predictions, saving: what train.py "
-            "prints per trial), mean ± std over trials")
-    mixed = [f"{len(info[k])} {what} ({', '.join(info[k])})" for k, what in
-             (('threads', 'thread counts'), ('devices', 'devices')) if len(info[k]) > 1]
-    if mixed:
-        note += (f". **The trials ran on {' and '.join(mixed)}**: times across them are not comparable"
-                 + ("; rows marked † mix them within one model x activation" if info['groups_mixing_threads'] else ''))
-    return note + "."
-
-
-def timing_cell(r, info):
-    """Mean ± std of a group's all-in seconds per trial to the std's two significant digits."""
-    st = (r.get('trial_stats') or {}).get('total_time')
-    if not st:
-        return '—'
-    mark = ' †' if info and f"{r['model_name']}/{r['activation']}" in info.get('groups_mixing_threads', []) else ''
-    return mean_std(st['mean'], st['std']) + mark
-
-
-def mean_std(mean, std):
-    """Seconds as '95.5 ± 4.5' or '44.12 ± 0.31': the std to two significant digits and the mean
-    to the same decimal (at most two decimals); with no std, the mean to three significant digits."""
-    ref = std if std else abs(mean)
-    if not ref:
-        return '0'
-    d = min(2, max(0, (1 if std else 2) - math.floor(math.log10(ref))))  # timings: never below 10 ms
-    return f"{mean:.{d}f}" + (f" ± {std:.{d}f}" if std is not None else '')
-
-
-def with_study_header(report, summary):
-    """The report with the what-was-run block right under its title."""
-    title, _, rest = report.partition("\n")
-    return "\n".join([title, "", *study_header(summary)]) + rest
 
 
 # ----------------------------------------------------------------------------- two studies
@@ -152,10 +84,3 @@ def config_differences(sa, sb):
             if va.get(k) != vb.get(k)]
 
 
-def differences_md(differences, name_a, name_b):
-    if not differences:
-        return ["The two studies ran the same config, vary mode, devices and threads per trial.", ""]
-    return ([f"**Not like for like**: the two studies differ in {len(differences)} setting(s); a change below may "
-             f"come from these and not only from what you meant to compare.", "",
-             f"| setting | {name_a} | {name_b} |", "|---|---|---|"]
-            + [f"| {k} | {a} | {b} |" for k, a, b in differences] + [""])

@@ -11,6 +11,7 @@ import numpy as np
 
 import metrics
 from activation_names import canonical_activation
+from fileio import is_number
 
 SEED_KEYS = ('init', 'data', 'dropout')  # the seeds that drive randomness; trial_seed is a label
 # Sanity rules compare a suspicious distance with the relative PD between trials of different
@@ -37,9 +38,7 @@ CAUSALITY_TOL = 1e-3
 LEAK_RATIO = 0.5
 LM_LOSS_FLOOR = 0.5
 
-def _number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-# The random streams each --vary mode changes across trials (trial_files.trial_seeds); the others
+# The random streams each --vary mode changes across trials (store.trial_seeds); the others
 # must stay identical. Checked against the digests of the real streams the trainer records
 # ('streams' in the trial JSON), which works on any device: it needs no bitwise-equal predictions.
 STREAMS = ('init', 'data', 'dropout')
@@ -57,7 +56,7 @@ def sanity_trials(trials, warnings):
         if change is None:
             if r.get('task') == 'lm':
                 unprobed.append(t['name'])
-        elif not _number(change):
+        elif not is_number(change):
             warnings.append(f"{t['name']}: causality_max_change is {change!r}, not a number: causality unknown")
         elif change > CAUSALITY_TOL:
             warnings.append(f"{t['name']}: changing the last tokens of a window moved earlier positions' logits by "

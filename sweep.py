@@ -1,24 +1,16 @@
 """
-The sweep engine: run a list of trial jobs through train.run_trial, in this process, in
-spawned worker processes or as Ray tasks, with one lock per study, a failure log, and the
-clean-up of temp files a killed run left. run_all_experiments.py makes the plan (the
-command line, the designs, what is done); this module only runs it, and never imports it.
+The sweep engine: run a plan's jobs (plan.Job) through train.run_trial, in this process, in
+spawned worker processes or as Ray tasks, and record each failure in the store. plan.py
+decides what runs and where; run_all_experiments.py holds the lock and the command line.
 
-A job is a small picklable dict with everything that may differ from one trial to the next:
-    {'model': str, 'activation': str, 'trial': int, 'study': str, 'config': config.Config}
-run_job(job, opts) is train.run_trial(model, activation, trial, config, study, opts). The
-sweep holds one train.RunOptions; each worker slot is a copy with its own device and threads.
-
+run_job(job, opts) is train.run_trial(job.model, job.activation, job.trial, job.config,
+job.study, opts). The plan holds one RunOptions per worker slot (its device and threads).
 Executors share one interface: run(jobs) yields (job, outcome) as trials finish, and
-close(abort) stops them (abort: running trials are stopped and leave no result). An outcome
-is {'ok': True, 'val_loss', 'val_accuracy', 'seconds', 'resumed_from'} or {'ok': False,
-'error', 'traceback', 'seconds', 'host'}. A trial stopped or killed mid-way leaves its last
-checkpoint (checkpoint.py): its next run, in this sweep or the next, continues from it.
+close(abort) stops them (abort: running trials are stopped and leave no result but their
+last checkpoint). An outcome is {'ok': True, 'val_loss', 'val_accuracy', 'seconds',
+'resumed_from'} or {'ok': False, 'error', 'traceback', 'seconds', 'host'}.
 """
 import datetime
-import glob
-import importlib.util
-import json
 import multiprocessing
 import os
 import re
@@ -34,92 +26,10 @@ from multiprocessing.connection import wait
 import torch
 from tqdm import tqdm
 
+import store
 import train
 from cli import fmt_seconds
-from trial_files import trial_path
-from fileio import DATA_DIR_ENV, json_ready
-
-PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
-RAY_INSTALL = 'pip install "ray[default]"'
-
-
-def job_name(job):
-    cell = f" [{os.path.basename(job['study'])}]" if '/' in job['study'] else ''  # a grid design's cell
-    return f"{job['model']}/{job['activation']} trial {job['trial']}{cell}"
-
-
-# ----------------------------------------------------------------------------- where trials run
-
-def cores():
-    """CPU cores this process may use ($OMP_NUM_THREADS if set)."""
-    try:
-        n = int(os.environ.get('OMP_NUM_THREADS', ''))
-        if n > 0:
-            return n
-    except ValueError:
-        pass
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def layout(executor, device, workers=None, threads=None, trials_per_gpu=None,
-           ray_address=None, ray_num_cpus=None, ray_num_gpus=None, tiny_trials=False):
-    """Where the trials run, from the command line's values: (a device per worker slot,
-    workers, threads per trial, Ray settings or None, a sentence saying it). Raises
-    ValueError naming the problem for a combination that cannot run. tiny_trials: trials far
-    too small for several threads (the OpenMP threads of a 100-parameter model spend their
-    time waiting on each other, worse on a busy machine): on CPU the defaults become one
-    thread per trial and one worker per core."""
-    given = {'ray_address': ray_address, 'ray_num_cpus': ray_num_cpus, 'ray_num_gpus': ray_num_gpus}
-    ray_flags = [f for f, v in given.items() if v is not None]
-    if executor == 'ray':
-        if importlib.util.find_spec('ray') is None:
-            raise ValueError(f"--executor ray needs Ray, which is not installed: {RAY_INSTALL}")
-        if trials_per_gpu is not None:
-            raise ValueError("--trials-per-gpu is for local workers; with Ray use --ray-num-gpus (e.g. 0.5)")
-        ncpus = 1.0 if ray_num_cpus is None else ray_num_cpus
-        ngpus = 0.0 if ray_num_gpus is None else ray_num_gpus
-        if ncpus < 0 or ngpus < 0 or ncpus + ngpus == 0:
-            raise ValueError("--ray-num-cpus and --ray-num-gpus must be >= 0, not both 0")
-        # the device is the task's, on whichever node runs it: not checked against this machine
-        if device not in ('auto', 'cpu', 'cuda'):
-            raise ValueError(f"--device {device} with Ray: use auto, cpu or cuda (Ray picks the GPU)")
-        if device == 'cuda' and ngpus == 0:
-            raise ValueError("--device cuda with Ray needs --ray-num-gpus > 0 (GPUs per trial)")
-        if device == 'cpu' and ngpus > 0:
-            raise ValueError("--ray-num-gpus > 0 reserves GPUs that --device cpu would not use")
-        threads = threads or max(1, int(ncpus))
-        ray = {'address': ray_address, 'num_cpus': ncpus, 'num_gpus': ngpus}
-        # with Ray, workers is at most this many trials in flight (default: all)
-        execution = (f"Ray tasks ({ncpus:g} CPU, {ngpus:g} GPU, {threads} thread(s) per trial"
-                     + (f", at most {workers} at once" if workers else '') + ')')
-        return ['cuda' if ngpus > 0 else 'cpu'], workers, threads, ray, execution
-    if ray_flags:
-        raise ValueError(f"{', '.join('--' + f.replace('_', '-') for f in ray_flags)} go with --executor ray")
-    dev = train.resolve_device(device)
-    tiny = tiny_trials and dev.type == 'cpu'
-    defaults = workers is None or threads is None  # what the execution line explains
-    if dev.type == 'cuda':
-        devices = [f'cuda:{i}' for i in range(torch.cuda.device_count())] if dev.index is None else [str(dev)]
-        per_gpu = trials_per_gpu or 1
-        workers = workers or len(devices) * per_gpu
-        if workers > len(devices) * per_gpu:
-            raise ValueError(f"--workers {workers} would put more than --trials-per-gpu {per_gpu} on one of "
-                             f"the {len(devices)} device(s); raise --trials-per-gpu")
-    else:
-        if trials_per_gpu is not None:
-            raise ValueError(f"--trials-per-gpu is for CUDA devices; this sweep runs on {dev}")
-        devices, workers = ['cpu'], workers or (cores() if tiny else 1)
-    threads = threads or (1 if tiny else max(1, cores() // workers))
-    devices = [devices[i % len(devices)] for i in range(workers)]  # round-robin over the devices
-    execution = (f"{workers} worker process(es)" if workers > 1 else "in this process") + \
-        f" on {', '.join(sorted(set(devices)))}, {threads} thread(s) per trial"
-    if tiny and defaults:
-        execution += (" (tiny trials: one thread each, one worker per core, so no trial's threads wait "
-                      "on each other; --workers / --threads override)")
-    return devices, workers, threads, None, execution
+from fileio import DATA_DIR_ENV, PROJECT_DIR
 
 
 # ----------------------------------------------------------------------------- one trial (any process)
@@ -129,7 +39,7 @@ def run_job(job, opts):
     an Exception (KeyboardInterrupt and SystemExit pass: they stop the sweep)."""
     t0 = time.time()
     try:
-        r = train.run_trial(job['model'], job['activation'], job['trial'], job['config'], job['study'], opts)
+        r = train.run_trial(job.model, job.activation, job.trial, job.config, job.study, opts)
         m = r['metrics']
         return {'ok': True, 'val_loss': m['val_loss'], 'val_accuracy': m['val_accuracy'],
                 'seconds': m['total_time'], 'resumed_from': r.get('resumed_from') or []}
@@ -327,98 +237,36 @@ class RayExecutor:
             self.ray.shutdown()
 
 
-# ----------------------------------------------------------------------------- files
-
-def append_failure(path, record):
-    """Append one JSON line (fileio.json_ready's rule: non-finite numbers as null) with a
-    single os.write, then fsync: a kill leaves either the whole line or none of it (a line
-    cut short by an older crash gets a newline first)."""
-    line = (json.dumps(json_ready(record), default=str, allow_nan=False) + '\n').encode()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b'\n':
-            line = b'\n' + line
-        while line:  # one write for any line of sane size; loop only on a short write
-            line = line[os.write(fd, line):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def failure_log(plan, job):
-    """The failures.jsonl of a job's study folder."""
-    return os.path.join(plan['results_dir'], job['study'], 'failures.jsonl')
-
-
-def stray_temp_files(study_dir):
-    """Temp files of fileio.atomic_write left by a killed run (.trial_<k>.<ext>XXXX.tmp; a
-    half-written checkpoint: ..trial_<k>.ckptXXXX.tmp), at any depth below study_dir (jobs
-    may write to study folders nested in it)."""
-    return sorted(glob.glob(os.path.join(study_dir, '**', '.*trial_*.tmp'), recursive=True))
-
-
-def remove_stray_temp_files(study_dir):
-    """Remove them; only while holding the study's lock (no sweep of ours is writing them)."""
-    strays = stray_temp_files(study_dir)
-    for path in strays:
-        os.remove(path)
-    return len(strays)
-
-
-class StudyLock:
-    """<study>/.sweep.lock, held (flock) while a sweep runs; the kernel drops it when the
-    process dies, however it dies."""
-
-    def __init__(self, study_dir):
-        self.path, self.fd = os.path.join(study_dir, '.sweep.lock'), None
-        os.makedirs(study_dir, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            import fcntl
-        except ImportError:  # no flock here: no protection against two sweeps, no harm either
-            self.fd = fd
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 64, 0).decode(errors='replace').strip() or '?'
-            os.close(fd)
-            raise ValueError(f"another sweep (pid {holder}) is running on {study_dir}; wait for it "
-                             f"or use another --study / --results-dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-
-    def release(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
 # ----------------------------------------------------------------------------- the sweep
 
 def projection(plan, seconds, left):
     """The projected time of the rest of a sweep, from its first finished trial."""
-    at_once = min(left, len(plan['slots']) if plan['executor'] == 'local' else plan['workers'] or left)
+    at_once = min(left, len(plan.slots) if plan.executor == 'local' else plan.workers or left)
     return (f"projected: ~{fmt_seconds(left * seconds / at_once)} more for the {left} trial(s) left "
             f"({seconds:.1f} s for this one, {at_once} at once; an estimate of time only)")
 
 
+def record_failure(plan, job, out):
+    """A failed trial into the failures.jsonl of its job's study folder (a grid design's cell)."""
+    store.append_failure(job.key(plan.results_dir).study_dir, {
+        'model': job.model, 'activation': job.activation, 'trial': job.trial, 'study': job.study,
+        'config': job.config.to_dict(), 'error': out['error'], 'traceback': out['traceback'],
+        'time': datetime.datetime.now().astimezone().isoformat(), 'seconds': out['seconds'],
+        'host': out.get('host'), 'executor': plan.executor})
+
+
 def run_sweep(plan, executor_factory):
-    """Run plan['to_run'] (plan['done'] counts toward the progress) through the executor
-    that executor_factory() makes; a failure goes to the failures.jsonl of its job's study
-    folder (<results dir>/<job's study>: a grid design's cell, else the study), with the
-    job's config. Returns (finished, failed, interrupted); after an interrupt, finished also
-    holds the trials whose JSON (under plan['opts'].results_dir) was written in this run."""
+    """Run plan.to_run (plan.done counts toward the progress) through the executor that
+    executor_factory() makes; a failure goes to its study folder's failures.jsonl. Returns
+    (finished, failed, interrupted); after an interrupt, finished also holds the trials whose
+    JSON was written in this run."""
     t_start = time.time()
-    to_run, done = plan['to_run'], plan['done']
+    to_run, done = plan.to_run, plan.done
     total = len(to_run) + len(done)
     finished, failed, interrupted = [], [], False
     executor = None
     # disable=None: a live bar on a terminal, silence in logs and CI
-    bar = tqdm(total=total, initial=len(done), unit='trial', desc=plan['study'], dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total, initial=len(done), unit='trial', desc=plan.study, dynamic_ncols=True, disable=None)
     try:
         executor = executor_factory() if to_run else None
         for job, out in (executor.run(to_run) if executor else ()):
@@ -426,7 +274,7 @@ def run_sweep(plan, executor_factory):
             if out['ok']:
                 finished.append(job)
                 resumed = out.get('resumed_from')
-                bar.write(f"{count} {job_name(job)}: val loss {out['val_loss']:.4f}  accuracy "
+                bar.write(f"{count} {job.name}: val loss {out['val_loss']:.4f}  accuracy "
                           f"{out['val_accuracy']:.4f}  {out['seconds']:.1f} s"
                           + (f"  (resumed from iteration {', '.join(map(str, resumed))})" if resumed else ''),
                           file=sys.stdout)
@@ -434,13 +282,8 @@ def run_sweep(plan, executor_factory):
                     bar.write(projection(plan, out['seconds'], len(to_run) - 1 - len(failed)), file=sys.stdout)
             else:
                 failed.append(job)
-                append_failure(failure_log(plan, job), {
-                    'model': job['model'], 'activation': job['activation'], 'trial': job['trial'],
-                    'study': job['study'], 'config': job['config'].to_dict(),
-                    'error': out['error'], 'traceback': out['traceback'],
-                    'time': datetime.datetime.now().astimezone().isoformat(), 'seconds': out['seconds'],
-                    'host': out.get('host'), 'executor': plan['executor']})
-                bar.write(f"{count} FAILED {job_name(job)}: {out['error']}", file=sys.stdout)
+                record_failure(plan, job, out)
+                bar.write(f"{count} FAILED {job.name}: {out['error']}", file=sys.stdout)
                 bar.set_postfix(failed=len(failed), refresh=False)
             bar.update(1)
     except KeyboardInterrupt:
@@ -453,28 +296,26 @@ def run_sweep(plan, executor_factory):
             except KeyboardInterrupt:  # a second Ctrl-C: do not wait for anything
                 interrupted = True
     if interrupted:  # a trial that wrote its JSON just before the stop, but never reported back
-        finished += [j for j in to_run if j not in finished + failed and written_since(j, plan['opts'], t_start)]
+        finished += [j for j in to_run if j not in finished + failed and written_since(j, plan.results_dir, t_start)]
     return finished, failed, interrupted
 
 
-def written_since(job, opts, since):
+def written_since(job, results_dir, since):
     """Whether the job's result JSON was written after `since` (a time.time())."""
     try:
-        return os.path.getmtime(trial_path(opts.results_dir, job['study'], job['model'], job['activation'],
-                                           job['trial'])) >= since
+        return os.path.getmtime(job.key(results_dir).json) >= since
     except OSError:
         return False
 
 
 def make_executor(plan):
-    """A factory of the executor for plan['executor'] ('ray' or 'local') and plan['slots']
-    (RunOptions per worker; with Ray, one for every task and plan['ray'] = {'address',
-    'num_cpus', 'num_gpus'} per trial, at most plan['workers'] trials in flight)."""
-    if plan['executor'] == 'ray':
-        r = plan['ray']
-        return lambda: RayExecutor(plan['slots'][0], r['address'], r['num_cpus'], r['num_gpus'],
-                                   plan['workers'] or max(1, len(plan['to_run'])))
-    if len(plan['slots']) == 1:
-        return lambda: InlineExecutor(plan['slots'][0])
-    return lambda: PoolExecutor(plan['slots'][:max(1, len(plan['to_run']))])
-
+    """A factory of the executor for plan.executor ('ray' or 'local') and plan.slots
+    (RunOptions per worker; with Ray, one for every task and plan.ray = {'address',
+    'num_cpus', 'num_gpus'} per trial, at most plan.workers trials in flight)."""
+    if plan.executor == 'ray':
+        r = plan.ray
+        return lambda: RayExecutor(plan.slots[0], r['address'], r['num_cpus'], r['num_gpus'],
+                                   plan.workers or max(1, len(plan.to_run)))
+    if len(plan.slots) == 1:
+        return lambda: InlineExecutor(plan.slots[0])
+    return lambda: PoolExecutor(list(plan.slots[:max(1, len(plan.to_run))]))

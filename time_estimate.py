@@ -10,10 +10,9 @@ import json
 import math
 import os
 
-import train
-from config import Config
+from config import Config, n_evaluations
+from fileio import PROJECT_DIR
 
-PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 BENCH_FIGURES = os.path.join(PROJECT_DIR, 'benchmarks', 'bench_sweep.json')
 
 # do not change how long a trial takes (the learning rate: a grid's cells share their times)
@@ -82,7 +81,7 @@ def _scaled_time(f, config):
         outside = f['total_time'] - f['training_time']
     except (KeyError, TypeError, ZeroDivisionError):
         return None
-    return steps * config.max_iters + per_batch * config.eval_iters * train.n_evaluations(config) + outside
+    return steps * config.max_iters + per_batch * config.eval_iters * n_evaluations(config) + outside
 
 
 def _pools(found, config, threads):
@@ -107,21 +106,22 @@ def estimate(plan):
     from, a sentence saying what is missing or None). Times only: measured wall times of
     earlier trials, or their measured time per step and per evaluation at this model size and
     batch scaled to this config's iteration counts; never a result. Each trial is matched on
-    its own config (plan['to_run_configs']: a grid design's cells differ)."""
-    found = _earlier_times(plan['results_dir'])
+    its own config (plan.full_config: a grid design's cells differ)."""
+    found = _earlier_times(plan.results_dir)
     by_config, used_by_label = {}, {'exact': ({}, []), 'scaled': ({}, [])}
     per, counts = [], {'pair': 0, 'model': 0}
-    for j, config in zip(plan['to_run'], plan['to_run_configs']):
+    for j in plan.to_run:
+        config = plan.full_config(j)
         ckey = _timing_key(config.to_dict())  # what the figures are matched on
         if ckey not in by_config:
-            by_config[ckey] = _pools(found, config, plan['threads'])
+            by_config[ckey] = _pools(found, config, plan.threads)
             for label, used, threads_match in by_config[ckey]:
                 used_by_label[label][0].update((id(f), f) for f in used)
                 used_by_label[label][1].append(threads_match)
         t = None
         for label, used, _ in by_config[ckey]:
-            for level, keep in (('pair', lambda f: (f['model'], f['activation']) == (j['model'], j['activation'])),
-                                ('model', lambda f: f['model'] == j['model'])):
+            for level, keep in (('pair', lambda f: (f['model'], f['activation']) == (j.model, j.activation)),
+                                ('model', lambda f: f['model'] == j.model)):
                 ts = [f['total_time'] if label == 'exact' else _scaled_time(f, config) for f in used if keep(f)]
                 if ts and t is None:
                     t = sum(ts) / len(ts)
@@ -142,14 +142,14 @@ def estimate(plan):
                 "{n} earlier trial(s) of the same model size and batch but other iteration or evaluation "
                 "counts, scaled by their measured time per step and per evaluation")
         parts.append(what.format(n=len(used)) + f" in {', '.join(wheres)}, measured with {threads} thread(s) "
-                     f"per trial" + ('' if all(threads_match) else f" (this sweep: {plan['threads']})"))
+                     f"per trial" + ('' if all(threads_match) else f" (this sweep: {plan.threads})"))
     n_missing = sum(p is None for p in per)
     missing = None
     if n_missing:
-        models = sorted({j['model'] for j, p in zip(plan['to_run'], per) if p is None})
+        models = sorted({j.model for j, p in zip(plan.to_run, per) if p is None})
         missing = (f"{n_missing} trial(s) to run ({', '.join(models)}) have no figure: no earlier measured trial "
                    f"of {'that model' if len(models) == 1 else 'those models'} at this size and batch in "
-                   f"{plan['results_dir']} or {show_path(BENCH_FIGURES)} (train one trial of each first, or run "
+                   f"{plan.results_dir} or {show_path(BENCH_FIGURES)} (train one trial of each first, or run "
                    f"benchmarks/bench_sweep.py)")
     source = '; '.join(parts) + (f"; {counts['pair']} trial(s) from the same model and activation, "
                                  f"{counts['model']} from the same model only"

@@ -1,94 +1,46 @@
 """
-Train seeded trials of one model/activation pair and save what the analysis needs.
+Train one seeded trial and hand its result to the store: the objective half of the
+objective/storage split (store.py keeps the records; the trainer never decides what a file
+on disk means). How trials are seeded, resumed and recorded: docs/trials-and-resume.md; the
+path of one trial through the modules: docs/design.md.
 
     python train.py --model minigpt --activation gelu --config cpu --trials 3
 
-Trial k uses seed seed_base + k. Weight init, batch order and dropout draw from three
-separate streams derived from it; --vary picks which of them change across trials. The
-trial JSON records digests of the three streams as the first step finds them ("streams"),
-so the analysis can check that exactly the varied ones differ, and, for language models,
-whether the trained model sees the future (metrics.causality_max_change).
-Each trial writes <results-dir>/<study>/<model>/<activation>/trial_<k>.npz (softmax on the
-fixed evaluation set) and then trial_<k>.json (metrics, history, provenance), both
-atomically: a trial is done exactly when its JSON is whole and its own and its .npz matches
-the JSON (trial_files.py); a damaged one is set aside and trained again.
-
-Every --checkpoint-every iterations (default: every evaluation point) the trial saves a
-checkpoint beside its result (.trial_<k>.ckpt, checkpoint.py); a trial started again after
-a kill continues from it, bitwise as if never interrupted, and records where it resumed
-("resumed_from": [iterations]).
-
-The trainer only talks to the data through a Task (prepare_data.py) and to the model
-through forward(x, targets) -> (logits, loss). A model may also set `self.aux_loss`
-(a scalar tensor) in forward; it is added to the training loss only, so reported losses
-are the task loss alone. Optional model hooks: `trial_metrics()` -> dict merged into the
-trial's metrics, and `eval_extras()` -> dict of arrays for the last forward pass, saved
-in the .npz beside the predictions. Optional task hook: `trial_metrics(model, device, amp)`
--> dict merged into the metrics after training (a classifier's held-out test accuracy).
+The trainer talks to the data only through a Task (prepare_data.py) and to the model only
+through forward(x, targets) -> (logits, loss). Optional hooks: model.aux_loss (added to the
+training loss only), model.trial_metrics(), model.eval_extras() (arrays saved beside the
+predictions), task.trial_metrics(model, device, amp) (a classifier's test accuracy).
 """
 import argparse
 import datetime
-import json
 import math
-import os
-import platform
 import resource
-import socket
-import subprocess
 import sys
 import time
 import traceback
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import checkpoint
+import cli
+import plan as planning
+import store
 from activations import ACTIVATION_NAMES
-from cli import (EXIT_FAILURE, EXIT_INTERRUPT, EXIT_USAGE, ProgressLog, check_writable, exit_help,
-                 os_error_message, stop_promptly_on_ctrl_c)
-from config import Parser, add_config_args, config_from_args
-from fileio import DataError, atomic_write, sha256_file, write_json
-from model_factories import (ALL_MODEL_NAMES, build_model, check_activation, check_memory, check_model,
-                             count_parameters, model_kind)
+from config import Parser, RunOptions, n_evaluations
+from device import autocast_dtype, dtype_name, provenance, resolve_device, set_determinism
+from fileio import DataError, atomic_write
+from model_factories import ALL_MODEL_NAMES, build_model, check_activation, check_model, count_parameters, model_kind
 from prepare_data import make_task
 from trial_checks import causality_probe, stream_fingerprints
-from trial_files import VARY_MODES, existing_trial, set_aside_damaged, trial_identity, trial_path, trial_seeds
-
-PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
-SCHEMA_VERSION = 1
 
 
 class TrainingError(RuntimeError):
     """A trial that cannot produce a valid result (non-finite loss, ...)."""
 
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How trials run, as opposed to what they train (Config): the same for every trial of
-    a sweep, except device and threads, which the sweep sets per worker slot."""
-    results_dir: str = 'results'
-    vary: str = 'all'              # which seeds follow the trial (VARY_MODES)
-    device: str = 'auto'           # auto | cpu | cuda | cuda:N
-    dtype: str = 'auto'            # autocast dtype (autocast_dtype)
-    deterministic: bool = False    # PyTorch's deterministic algorithms
-    compile: bool = False          # torch.compile the model
-    data_dir: str | None = None    # None: $REPRO_DATA_DIR or ./data
-    save_checkpoints: bool = False  # also save trial_<k>.pt
-    force: bool = False            # rerun (overwrite) a trial whose result exists
-    threads: int | None = None     # torch CPU threads (None: leave as is)
-    progress: bool = True          # a progress bar on a terminal
-    checkpoint_every: int | None = None  # iterations between mid-trial checkpoints (None: every
-                                         # evaluation point; 0: none)
-
-    def __post_init__(self):
-        if self.checkpoint_every is not None and self.checkpoint_every < 0:
-            raise ValueError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}")
-
-
-# ----------------------------------------------------------------------------- seeds, provenance
 
 def seed_dropout_stream(seed):
     """Seed the global RNG that dropout and router jitter draw from. torch.manual_seed seeds
@@ -97,65 +49,6 @@ def seed_dropout_stream(seed):
     model is built and on its device, and nothing seeds the global RNG after it before the
     first step: no later seeding call (the init seed's, say) can take its place."""
     torch.manual_seed(seed)
-
-
-def _git(*args):
-    try:
-        return subprocess.run(['git', *args], cwd=PROJECT_DIR, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ''
-
-
-def provenance(device, deterministic):
-    return {
-        'git_commit': _git('rev-parse', 'HEAD') or None,
-        'git_dirty': bool(_git('status', '--porcelain', '--untracked-files=no')),
-        'torch_version': torch.__version__,
-        'cuda_version': torch.version.cuda,
-        'device': device.type,
-        'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else (platform.processor() or platform.machine()),
-        'threads': torch.get_num_threads(),
-        'deterministic': deterministic,
-        'python_version': platform.python_version(),
-        'hostname': socket.gethostname(),
-    }
-
-
-# ----------------------------------------------------------------------------- device setup
-
-def resolve_device(name):
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if name not in ('cpu', 'cuda') and not name.startswith('cuda:'):
-        raise ValueError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N")
-    if name.startswith('cuda') and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
-    return torch.device(name)
-
-
-def autocast_dtype(dtype, device):
-    """bfloat16 autocast on CUDA where supported (dtype 'auto'); float32 on CPU, where
-    bfloat16 autocast was measured not to help."""
-    valid = ('auto', 'float32', 'bfloat16', 'float16')
-    if dtype not in valid:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(valid)}")
-    if dtype == 'auto':
-        return torch.bfloat16 if device.type == 'cuda' and torch.cuda.is_bf16_supported() else None
-    if dtype == 'float16' and device.type != 'cuda':
-        raise ValueError("dtype float16 needs CUDA; use float32 or bfloat16 on CPU")
-    return None if dtype == 'float32' else getattr(torch, dtype)
-
-
-def set_determinism(deterministic, device):
-    if deterministic:
-        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # cuBLAS needs it
-    torch.use_deterministic_algorithms(deterministic)
-    torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = False
-    if device.type == 'cuda':  # TF32 matmuls are fast but not bitwise reproducible
-        torch.backends.cuda.matmul.allow_tf32 = not deterministic
-        torch.backends.cudnn.allow_tf32 = not deterministic
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -261,188 +154,226 @@ def predict(model, task, device, amp, batch_size=256):
 
 # ----------------------------------------------------------------------------- one trial
 
+@dataclass
+class LoopState:
+    """Everything the training loop carries from one step to the next beyond the model,
+    optimizer and RNGs; a checkpoint saves and restores it as one thing (as_dict)."""
+    it: int = 0
+    history: dict = field(default_factory=lambda: {k: [] for k in ('iter', 'train_loss', 'val_loss', 'lr',
+                                                                   'grad_norm')})
+    best_val: float = math.inf
+    best_state: dict | None = None   # early stopping: the best weights seen
+    evals_since_best: int = 0
+    stopped_early_at: int | None = None
+    eval_time: float = 0.0
+    training_time: float = 0.0
+    total_time: float = 0.0          # all-in seconds of the earlier runs of a resumed trial
+    started_at: str = ''
+    resumed_from: list = field(default_factory=list)
+    streams: dict | None = None      # stream fingerprints, taken at iteration 0 (trial_checks)
+
+    def as_dict(self):
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_checkpoint(cls, saved):
+        names = {f.name for f in fields(cls)} - {'it'}
+        state = cls(it=saved['iter'], **{k: v for k, v in saved.items() if k in names})
+        state.resumed_from = state.resumed_from + [state.it]
+        return state
+
+
+@dataclass
+class Run:
+    """What one trial trains with: fixed from setup to the end."""
+    name: str
+    model: torch.nn.Module
+    step_model: torch.nn.Module      # the model, or its torch.compile
+    optimizer: torch.optim.Optimizer
+    task: object
+    config: object
+    device: torch.device
+    amp: object                      # autocast context, or nullcontext
+    ckpt: checkpoint.TrialCheckpoints
+    data_gen: torch.Generator
+    progress: bool = True
+
+
 def run_trial(model_name, activation, trial, config, study, opts=RunOptions()):
-    """Train one trial and save its .npz and .json under opts.results_dir/study. Returns the
-    result record. If the trial is already done (same identity) and not opts.force, returns
-    the saved record. A result with a different identity is never overwritten without force;
-    a damaged one is set aside and the trial trained again. A usable mid-trial checkpoint of
-    the trial is resumed from unless opts.force (checkpoint.py)."""
+    """Train one trial and save it through the store under opts.results_dir/study; return
+    its record. A trial already done (same identity) is not trained again unless opts.force;
+    a result of another identity is never overwritten without force; a damaged one is set
+    aside and the trial trained again; a usable checkpoint is resumed from."""
     t_start = time.time()
-    started_at = datetime.datetime.now().astimezone().isoformat()
     check_model(model_name)
     check_activation(activation)
-    vary = opts.vary
-    seeds = trial_seeds(config.seed_base, trial, vary)
-    study = study or 'default'
-    study_dir = os.path.join(opts.results_dir, study)
-    json_path = trial_path(opts.results_dir, study, model_name, activation, trial)
-    npz_path = json_path[:-len('json')] + 'npz'
+    key = store.TrialKey(opts.results_dir, study or 'default', model_name, activation, trial)
     dev = resolve_device(opts.device)
     amp_dtype = autocast_dtype(opts.dtype, dev)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-
     task = make_task(config, opts.data_dir)
     if model_kind(model_name) != task.kind:
         raise ValueError(f"model {model_name!r} trains on {model_kind(model_name)} data, but dataset "
                          f"{config.dataset!r} is a {task.kind} task")
     config = replace(config, **task.config_updates())
-    identity = trial_identity(task, model_name, activation, trial, vary, config)
-    state = existing_trial(json_path, identity)
-    if state == 'done' and not opts.force:
-        checkpoint.discard(checkpoint.checkpoint_path(json_path))  # a kill between the JSON and its removal
-        with open(json_path) as f:
-            return json.load(f)
-    if state.startswith('damaged'):
-        _note(set_aside_damaged(json_path, study_dir, state))
-    elif state != 'absent' and not opts.force:
-        raise FileExistsError(f"{json_path} exists and is {state}; use another --study or "
+    ident = store.identity(task.kind, model_name, activation, trial, opts.vary, config)
+    state = store.state(key, ident)
+    if state.kind == 'done' and not opts.force:
+        store.discard_checkpoint(key)  # a kill between the JSON and its removal
+        return store.load_trial(key.json)['record']
+    if state.kind == 'damaged':
+        _note(store.set_aside_damaged(key, state.why))
+    elif state.kind == 'different' and not opts.force:
+        raise FileExistsError(f"{key.json} exists and is {state}; use another --study or "
                               f"--results-dir, or --force to overwrite it")
 
     set_determinism(opts.deterministic, dev)
     # three streams: data from its own generator, init from its own seeded fork inside
     # build_model, dropout (and router jitter) from the global RNG, seeded last of all
+    seeds = ident['seeds']
     data_gen = torch.Generator().manual_seed(seeds['data'])
     model = build_model(model_name, activation, config, seed=seeds['init']).to(dev)
-    n_params = count_parameters(model)
     optimizer = make_optimizer(model, config, dev)
-    step_model = torch.compile(model) if opts.compile else model
-    amp = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     if dev.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(dev)
-    # after the model is built and on its device, on every device; no seeding after this
-    seed_dropout_stream(seeds['dropout'])
-    streams = None
-
-    history = {'iter': [], 'train_loss': [], 'val_loss': [], 'lr': [], 'grad_norm': []}
-    best_val, best_state, evals_since_best, stopped_early_at = math.inf, None, 0, None
-    eval_time, last_loss, grad_norm = 0.0, float('nan'), None
-    it, train_elapsed, resumed_from = 0, 0.0, []
+    seed_dropout_stream(seeds['dropout'])  # after the model is on its device; no seeding after this
     # a checkpoint is resumed only by the same trial run the same way (bitwise continuation)
-    ckpt = checkpoint.TrialCheckpoints(
-        json_path, {**identity, 'run': {'device': dev.type, 'dtype': str(amp_dtype), 'compile': opts.compile,
-                                        'deterministic': opts.deterministic, 'threads': torch.get_num_threads()}},
-        config.eval_interval if opts.checkpoint_every is None else opts.checkpoint_every, study_dir, dev, data_gen)
-    loop = ckpt.resume(opts.force, model, optimizer, data_gen, lambda line: _note(f"{model_name}/{activation} "
-                                                                                  f"trial {trial}: {line}"))
-    if loop:  # streams too: they were taken at iteration 0, which a resumed trial never reaches
-        (it, history, best_val, best_state, evals_since_best, eval_time, train_elapsed, started_at, streams) = (
-            loop[k] for k in ('iter', 'history', 'best_val', 'best_state', 'evals_since_best', 'eval_time',
-                              'training_time', 'started_at', 'streams'))
-        resumed_from = loop['resumed_from'] + [it]
-        t_start -= loop['total_time']
-    train_stream = task.train_batches(config.batch_size, data_gen, start=it * config.grad_accum_steps)
-    # on CUDA, reading the loss forces a sync: read it every 10 steps there, every step on CPU
-    check_every = 10 if dev.type == 'cuda' else 1
-    bar = _progress(config.max_iters, f"{model_name}/{activation} trial {trial}", opts.progress)
-    bar.update(it)
-    log = ProgressLog(f"{model_name}/{activation} trial {trial}", config.max_iters, n_evaluations(config),
-                      start=it, start_eval_time=eval_time)
-    t_train = time.time() - train_elapsed
+    ckpt = checkpoint.TrialCheckpoints(key, {**ident, 'run': run_settings(opts, dev, amp_dtype)},
+                                       config.eval_interval if opts.checkpoint_every is None else opts.checkpoint_every,
+                                       dev, data_gen)
+    r = Run(key.name.split(' [')[0], model, torch.compile(model) if opts.compile else model, optimizer, task, config,
+            dev, torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext(), ckpt, data_gen,
+            opts.progress)
+    s = LoopState(started_at=datetime.datetime.now().astimezone().isoformat())
+    saved = ckpt.resume(opts.force, model, optimizer, data_gen, lambda line: _note(f"{r.name}: {line}"))
+    if saved:
+        s = LoopState.from_checkpoint(saved)
+        t_start -= s.total_time
+    train(r, s, t_start)
+    metrics, arrays = evaluate_trained(r, s, t_start)
+    record = {'schema_version': store.SCHEMA_VERSION, 'source': 'measured', 'study': key.study,
+              'preset': opts.preset, **ident,
+              'deterministic': opts.deterministic, 'dtype': dtype_name(amp_dtype),
+              'data': task.data_info, 'eval_hash': task.eval_hash,
+              'streams': s.streams, 'metrics': metrics, 'history': s.history, 'resumed_from': s.resumed_from,
+              'provenance': {**provenance(dev, opts.deterministic), 'started_at': s.started_at,
+                             'finished_at': datetime.datetime.now().astimezone().isoformat()}}
+    if opts.save_checkpoints:
+        atomic_write(key.path('pt'), lambda f: torch.save(model.state_dict(), f))
+    metrics['total_time'] = time.time() - t_start
+    return store.save(key, arrays, record)
+
+
+def run_settings(opts, dev, amp_dtype):
+    """How a trial runs, beyond its identity: a checkpoint continues bitwise only under the same."""
+    return {'device': dev.type, 'dtype': str(amp_dtype), 'compile': opts.compile,
+            'deterministic': opts.deterministic, 'threads': torch.get_num_threads()}
+
+
+def train(r, s, t_start):
+    """The training loop, from s.it to max_iters (or early stopping): evaluate at every
+    eval_interval, checkpoint when due, one optimizer step. Updates s in place."""
+    config, ckpt = r.config, r.ckpt
+    train_stream = r.task.train_batches(config.batch_size, r.data_gen, start=s.it * config.grad_accum_steps)
+    check_every = 10 if r.device.type == 'cuda' else 1  # reading the loss syncs CUDA: every 10 steps there
+    bar = _progress(config.max_iters, r.name, r.progress)
+    bar.update(s.it)
+    log = cli.ProgressLog(r.name, config.max_iters, n_evaluations(config), start=s.it, start_eval_time=s.eval_time)
+    kill_hook = checkpoint.step_kill_hook()  # None unless a kill test set it
+    t_train, grad_norm, last_loss = time.time() - s.training_time, None, float('nan')
     while True:
         # a resumed trial's evaluation at the iteration it resumed at is in the checkpoint
-        if (it % config.eval_interval == 0 or it == config.max_iters) and it != ckpt.resumed_at:
-            t0 = time.time()
-            losses = estimate_loss(step_model, task, config, dev, amp)
-            eval_time += time.time() - t0
-            for k, v in (('iter', it), ('train_loss', losses['train']), ('val_loss', losses['val']),
-                         ('lr', lr_at(min(it, config.max_iters - 1), config)),
-                         ('grad_norm', None if grad_norm is None else float(grad_norm))):
-                history[k].append(v)
-            if not all(map(math.isfinite, losses.values())):
-                raise TrainingError(f"non-finite loss estimate at iteration {it}: {losses}")
-            if config.early_stop_patience:
-                if losses['val'] < best_val:
-                    best_val, evals_since_best = losses['val'], 0
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                else:
-                    evals_since_best += 1
-                    if evals_since_best >= config.early_stop_patience:
-                        stopped_early_at = it
-                        model.load_state_dict(best_state)  # keep the best weights seen
-                        break
-        if it == config.max_iters:
+        if (s.it % config.eval_interval == 0 or s.it == config.max_iters) and s.it != ckpt.resumed_at:
+            if evaluate_and_maybe_stop(r, s, grad_norm):
+                break
+        if s.it == config.max_iters:
             break
-        if ckpt.due(it):
+        if ckpt.due(s.it):
             now = time.time()
-            ckpt.save(it, it * config.grad_accum_steps, model, optimizer, {
-                'history': history, 'best_val': best_val, 'best_state': best_state,
-                'evals_since_best': evals_since_best, 'eval_time': eval_time, 'training_time': now - t_train,
-                'total_time': now - t_start, 'started_at': started_at, 'resumed_from': resumed_from,
-                'streams': streams})
-        checkpoint.before_step()  # a test hook: no-op unless REPRO_TEST_KILL_AT is set
-        lr = lr_at(it, config)
-        for group in optimizer.param_groups:
+            s.training_time, s.total_time = now - t_train, now - t_start
+            ckpt.save(s.it, s.it * config.grad_accum_steps, r.model, r.optimizer, s.as_dict())
+        if kill_hook:
+            kill_hook()
+        lr = lr_at(s.it, config)
+        for group in r.optimizer.param_groups:
             group['lr'] = lr
-        batches = [tuple(t.to(dev, non_blocking=True) for t in next(train_stream))
+        batches = [tuple(t.to(r.device, non_blocking=True) for t in next(train_stream))
                    for _ in range(config.grad_accum_steps)]
         # the gradient norm is logged at eval points: compute it on the step before one
-        want_norm = (it + 1) % config.eval_interval == 0 or it + 1 == config.max_iters
-        if it == 0:  # the streams as the first step finds them
-            streams = stream_fingerprints(model, batches, dev)
-        loss, grad_norm = train_step(step_model, optimizer, batches, config, amp, want_norm)
-        it += 1
-        if it % check_every == 0 or it == config.max_iters:
+        want_norm = (s.it + 1) % config.eval_interval == 0 or s.it + 1 == config.max_iters
+        if s.it == 0:  # the streams as the first step finds them
+            s.streams = stream_fingerprints(r.model, batches, r.device)
+        loss, grad_norm = train_step(r.step_model, r.optimizer, batches, config, r.amp, want_norm)
+        s.it += 1
+        if s.it % check_every == 0 or s.it == config.max_iters:
             last_loss = loss.item()
             if not math.isfinite(last_loss):
-                raise TrainingError(f"non-finite training loss {last_loss} at iteration {it}")
+                raise TrainingError(f"non-finite training loss {last_loss} at iteration {s.it}")
             bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
         bar.update(1)
-        log.update(it, last_loss, eval_time, len(history['iter']))
+        log.update(s.it, last_loss, s.eval_time, len(s.history['iter']))
     bar.close()
-    training_time = time.time() - t_train
-    iters_done = it
+    s.training_time = time.time() - t_train
 
-    if stopped_early_at is not None or history['iter'][-1] != iters_done:
-        final = estimate_loss(step_model, task, config, dev, amp)
+
+def evaluate_and_maybe_stop(r, s, grad_norm):
+    """A loss estimate at s.it into the history; early stopping's bookkeeping. True: stop now
+    (the best weights seen are loaded back)."""
+    t0 = time.time()
+    losses = estimate_loss(r.step_model, r.task, r.config, r.device, r.amp)
+    s.eval_time += time.time() - t0
+    for k, v in (('iter', s.it), ('train_loss', losses['train']), ('val_loss', losses['val']),
+                 ('lr', lr_at(min(s.it, r.config.max_iters - 1), r.config)),
+                 ('grad_norm', None if grad_norm is None else float(grad_norm))):
+        s.history[k].append(v)
+    if not all(map(math.isfinite, losses.values())):
+        raise TrainingError(f"non-finite loss estimate at iteration {s.it}: {losses}")
+    if not r.config.early_stop_patience:
+        return False
+    if losses['val'] < s.best_val:
+        s.best_val, s.evals_since_best = losses['val'], 0
+        s.best_state = {k: v.detach().clone() for k, v in r.model.state_dict().items()}
+        return False
+    s.evals_since_best += 1
+    if s.evals_since_best < r.config.early_stop_patience:
+        return False
+    s.stopped_early_at = s.it
+    r.model.load_state_dict(s.best_state)  # keep the best weights seen
+    return True
+
+
+def evaluate_trained(r, s, t_start):
+    """(metrics, arrays to save) of the trained model: final losses, predictions on the
+    evaluation set, the model's and task's own metrics, then the causality probe."""
+    config, task, dev = r.config, r.task, r.device
+    if s.stopped_early_at is not None or s.history['iter'][-1] != s.it:
+        final = estimate_loss(r.step_model, task, config, dev, r.amp)
     else:  # the last periodic estimate was taken on the final weights
-        final = {'train': history['train_loss'][-1], 'val': history['val_loss'][-1]}
-    probs, val_acc, token_acc, extras = predict(step_model, task, dev, amp)
-
+        final = {'train': s.history['train_loss'][-1], 'val': s.history['val_loss'][-1]}
+    probs, val_acc, token_acc, extras = predict(r.step_model, task, dev, r.amp)
     metrics = {
         'train_loss': final['train'], 'val_loss': final['val'],
         'val_accuracy': val_acc, 'token_accuracy': token_acc,
         'perplexity': math.exp(final['val']) if task.kind == 'lm' else None,  # exp(val loss in nats)
-        'training_time': training_time, 'eval_time': eval_time, 'checkpoint_time': ckpt.time,
-        'tokens_per_sec': iters_done * config.grad_accum_steps * task.tokens_per_batch(config.batch_size)
-                          / max(1e-9, training_time - eval_time),
-        'n_params': n_params, 'iters': iters_done, 'stopped_early_at': stopped_early_at,
+        'training_time': s.training_time, 'eval_time': s.eval_time, 'checkpoint_time': r.ckpt.time,
+        'tokens_per_sec': s.it * config.grad_accum_steps * task.tokens_per_batch(config.batch_size)
+                          / max(1e-9, s.training_time - s.eval_time),
+        'n_params': count_parameters(r.model), 'iters': s.it, 'stopped_early_at': s.stopped_early_at,
         'peak_memory_mb': (torch.cuda.max_memory_allocated(dev) if dev.type == 'cuda'
                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
         'peak_memory_kind': 'cuda_max_allocated' if dev.type == 'cuda' else 'process_max_rss',
     }
-    if hasattr(model, 'trial_metrics'):
-        metrics.update(model.trial_metrics())
+    if hasattr(r.model, 'trial_metrics'):
+        metrics.update(r.model.trial_metrics())
     if hasattr(task, 'trial_metrics'):
-        metrics.update(task.trial_metrics(step_model, dev, amp))
+        metrics.update(task.trial_metrics(r.step_model, dev, r.amp))
     # last, after everything saved has been computed (None for classifiers: no time axis)
-    metrics['causality_max_change'] = causality_probe(model, task, dev)
-
-    # predictions first, then the JSON that marks the trial done
+    metrics['causality_max_change'] = causality_probe(r.model, task, dev)
     arrays = {'probs': probs, 'eval_indices': task.eval_indices,
               'targets': (task.eval_y[:, -1] if task.eval_y.dim() == 2 else task.eval_y).numpy().astype(np.int64),
               **extras}
-    atomic_write(npz_path, lambda f: np.savez(f, **arrays))
-    if opts.save_checkpoints:
-        atomic_write(json_path[:-len('json')] + 'pt', lambda f: torch.save(model.state_dict(), f))
-    metrics['total_time'] = time.time() - t_start
-    record = {
-        'schema_version': SCHEMA_VERSION, 'source': 'measured', 'study': study, **identity,
-        'deterministic': opts.deterministic, 'dtype': str(amp_dtype or torch.float32).replace('torch.', ''),
-        'data': task.data_info, 'eval_hash': task.eval_hash,
-        'predictions_file': os.path.basename(npz_path), 'predictions_sha256': sha256_file(npz_path),
-        'streams': streams, 'metrics': metrics, 'history': history, 'resumed_from': resumed_from,
-        'provenance': {**provenance(dev, opts.deterministic), 'started_at': started_at,
-                       'finished_at': datetime.datetime.now().astimezone().isoformat()},
-    }
-    write_json(json_path, record)
-    ckpt.discard()  # the trial is done: its JSON holds everything
-    return record
-
-
-def n_evaluations(config):
-    """Loss estimates in a trial that runs to max_iters: every eval_interval steps and at the end."""
-    return config.max_iters // config.eval_interval + 1 + bool(config.max_iters % config.eval_interval)
+    return metrics, arrays
 
 
 def _note(line):
@@ -465,90 +396,17 @@ def _progress(total, desc, enabled):
 
 # ----------------------------------------------------------------------------- command line
 
-def add_run_args(parser):
-    """Flags shared with run_all_experiments.py that are not hyper-parameters."""
-    parser.add_argument('--results-dir', default='results')
-    parser.add_argument('--study', default=None, help="results sub-folder (default: the preset's name)")
-    parser.add_argument('--vary', default='all', choices=VARY_MODES,
-                        help='which randomness changes across trials (default: all)')
-    parser.add_argument('--deterministic', action='store_true', help="PyTorch's deterministic algorithms")
-    parser.add_argument('--device', default='auto', help='auto | cpu | cuda | cuda:N')
-    parser.add_argument('--dtype', default='auto', choices=('auto', 'float32', 'bfloat16', 'float16'),
-                        help='autocast dtype (auto: bfloat16 on CUDA where supported, else float32)')
-    parser.add_argument('--compile', action='store_true', help='torch.compile the model (opt-in)')
-    parser.add_argument('--data', default=None, help='a UTF-8 text file to train on (sets --dataset)')
-    parser.add_argument('--data-dir', default=None, help='where corpora live (default: $REPRO_DATA_DIR or ./data)')
-    parser.add_argument('--save-checkpoints', action='store_true', help='also save trial_<k>.pt')
-    parser.add_argument('--force', action='store_true',
-                        help='rerun trials whose results exist, and start over those with a checkpoint')
-    parser.add_argument('--checkpoint-every', type=int, default=None, metavar='N',
-                        help='iterations between mid-trial checkpoints, which a killed trial resumes from '
-                             '(default: every evaluation point; 0: none)')
-    add_config_args(parser)
-
-
-def config_and_study(args):
-    if args.data is not None:
-        args.dataset = args.data
-    config = config_from_args(args)
-    return config, args.study or args.config
-
-
-def run_options(args, **changes):
-    """RunOptions from the flags of add_run_args plus --threads (both command lines have it)."""
-    return replace(RunOptions(results_dir=args.results_dir, vary=args.vary, device=args.device, dtype=args.dtype,
-                              deterministic=args.deterministic, compile=args.compile, data_dir=args.data_dir,
-                              save_checkpoints=args.save_checkpoints, force=args.force,
-                              threads=args.threads, checkpoint_every=args.checkpoint_every), **changes)
-
-
-def preflight(args, config, study):
-    """Everything a train.py run can be refused for, checked before its first trial: the
-    data, device and dtype, results of another config, the results folder, memory.
-    Raises ValueError or DataError (usage errors) or OSError; returns the state of each
-    trial ('absent', 'done': skipped unless --force, or 'damaged (why)': set aside and retrained)."""
-    dev = resolve_device(args.device)
-    autocast_dtype(args.dtype, dev)
-    # memory before the data: an impossible block_size makes GBs of evaluation windows. Without
-    # the data's class count this is a lower bound (the data only adds output classes)
-    check_memory([(args.model, args.activation)], lower_bound_config(config), dev)
-    task = make_task(config, args.data_dir)
-    if model_kind(args.model) != task.kind:
-        raise ValueError(f"model {args.model!r} trains on {model_kind(args.model)} data, but dataset "
-                         f"{config.dataset!r} is a {task.kind} task")
-    full = replace(config, **task.config_updates())
-    ks = range(args.first_trial, args.first_trial + args.trials)
-    states = [existing_trial(trial_path(args.results_dir, study, args.model, args.activation, k),
-                             trial_identity(task, args.model, args.activation, k, args.vary, full)) for k in ks]
-    if not args.force:
-        for k, state in zip(ks, states):
-            if state not in ('absent', 'done') and not state.startswith('damaged'):
-                raise ValueError(f"{trial_path(args.results_dir, study, args.model, args.activation, k)} exists "
-                                 f"and is {state}; use another --study or --results-dir, or --force to "
-                                 f"overwrite it")
-    to_run = sum(args.force or s != 'done' for s in states)
-    # each trial saves n_eval x classes float32 probabilities (and a JSON of a few 100 kB)
-    check_writable(os.path.join(args.results_dir, study, args.model, args.activation),
-                   need_bytes=to_run * (4 * full.n_eval * full.vocab_size + 2 ** 20))
-    if to_run:
-        check_memory([(args.model, args.activation)], full, dev)
-    return states
-
-
-def lower_bound_config(config):
-    """config with the sizes the data fixes (vocab_size, n_inputs) at 1 where not yet known:
-    for a memory estimate that can only grow once the data is read."""
-    return replace(config, vocab_size=config.vocab_size or 1, n_inputs=config.n_inputs or 1)
-
-
 EPILOG = f"""Names: --model {', '.join(ALL_MODEL_NAMES)};
   --activation {', '.join(ACTIVATION_NAMES)}, or smelu_<beta> (e.g. smelu_0.25).
+Results go to <results-dir>/<study>: --study defaults to the preset's name, or to the preset's
+name plus the overrides when any config flag is given, so that a quick check never lands in
+the main job's folder. A study holds one config; a run that would add another is refused.
 Before the first trial, the data, device, dtype, results folder, memory (an estimate against
 what the device has available) and any saved result of another config are checked.
-{exit_help()}"""
+{cli.exit_help()}"""
 
 
-def main(argv=None):
+def make_parser():
     parser = Parser(description='Train seeded trials of one model/activation pair.', epilog=EPILOG,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', required=True, metavar='NAME', help=f"one of {', '.join(ALL_MODEL_NAMES)}")
@@ -557,54 +415,62 @@ def main(argv=None):
     parser.add_argument('--trials', type=int, default=3, help='trials to train (default: 3)')
     parser.add_argument('--first-trial', type=int, default=0, help='train trials first..first+trials-1')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (default: all cores)')
-    add_run_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        config, study = config_and_study(args)
-        check_model(args.model)
-        check_activation(args.activation)
-        if args.trials < 1 or args.first_trial < 0:
-            raise ValueError("--trials must be >= 1 and --first-trial >= 0")
-        states = preflight(args, config, study)
-        opts = run_options(args)  # checks --checkpoint-every
-    except (ValueError, DataError) as e:
-        parser.exit(EXIT_USAGE, f"error: {' '.join(str(e).split())}\n")
-    except OSError as e:
-        parser.exit(EXIT_FAILURE, f"error: {os_error_message(e)}\n")
+    cli.add_run_args(parser)
+    # one pair, in this process: what the plan of run_all_experiments.py takes as a sweep's flags
+    parser.set_defaults(executor='local', workers=1, trials_per_gpu=None, ray_address=None, ray_num_cpus=None,
+                        ray_num_gpus=None, dry_run=False)
+    return parser
 
-    rows, trained = [], 0
-    for k, state in zip(range(args.first_trial, args.first_trial + args.trials), states):
-        name = f"{args.model}/{args.activation} trial {k}"
-        try:
-            r = run_trial(args.model, args.activation, k, config, study, opts)
-        except KeyboardInterrupt:
-            parser.exit(EXIT_INTERRUPT, f"interrupted: {name} stopped and left no result (only its last checkpoint, "
-                                        f"if it reached one); {len(rows)} trial(s) done before it. Run the same "
-                                        f"command again to resume.\n")
-        except (DataError, ValueError, FileExistsError) as e:
-            parser.exit(EXIT_USAGE, f"error: {name}: {e}\n")
-        except TrainingError as e:
-            parser.exit(EXIT_FAILURE, f"error: {name}: {e}\n")
-        except OSError as e:
-            parser.exit(EXIT_FAILURE, f"error: {name}: {os_error_message(e)}\n")
-        except Exception:
-            traceback.print_exc()
-            parser.exit(EXIT_FAILURE, f"error: {name} failed (traceback above)\n")
-        m = r['metrics']
-        rows.append(m)
-        skipped = state == 'done' and not args.force
-        trained += not skipped
-        print(f"{name}: " + ("already done (skipped): " if skipped else '') +
-              f"val loss {m['val_loss']:.4f}  val acc {m['val_accuracy']:.4f}  train loss {m['train_loss']:.4f}  " +
-              (f"(saved {r['provenance'].get('finished_at', '?')[:19]})" if skipped else
-               f"{m['total_time']:.1f}s all-in ({m['tokens_per_sec']:,.0f} tok/s)") +
-              (f"  resumed from iteration {', '.join(map(str, r['resumed_from']))}" if r.get('resumed_from') else ''))
+
+def _report(job, r):
+    m, skipped = r['metrics'], job.state.kind == 'done'
+    return (f"{job.name}: " + ("already done (skipped): " if skipped else '') +
+            f"val loss {m['val_loss']:.4f}  val acc {m['val_accuracy']:.4f}  train loss {m['train_loss']:.4f}  " +
+            (f"(saved {r['provenance'].get('finished_at', '?')[:19]})" if skipped else
+             f"{m['total_time']:.1f}s all-in ({m['tokens_per_sec']:,.0f} tok/s)") +
+            (f"  resumed from iteration {', '.join(map(str, r['resumed_from']))}" if r.get('resumed_from') else ''))
+
+
+def main(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    args.models, args.activations = [args.model], [args.activation]
+    try:
+        p = planning.make_plan(args, one_pair=True)
+        planning.check_writable(p)
+        lock = store.StudyLock(p.study_dir)  # the same lock as a sweep's: one writer per study
+    except (ValueError, DataError, OSError) as e:
+        parser.exit(cli.exit_code(e), cli.error_line(e) + "\n")
+    print(planning.describe(p), flush=True)
+    rows = []
+    with lock:
+        for job in p.jobs:
+            try:
+                r = run_trial(job.model, job.activation, job.trial, job.config, job.study, p.opts)
+            except KeyboardInterrupt:
+                parser.exit(cli.EXIT_INTERRUPT, f"interrupted: {job.name} stopped and left no result"
+                            f"{_checkpoint_note(job.key(p.results_dir))}; {len(rows)} trial(s) done before it. "
+                            f"Run the same command again to resume.\n")
+            except TrainingError as e:
+                parser.exit(cli.EXIT_FAILURE, f"error: {job.name}: {e}\n")
+            except (DataError, ValueError, OSError) as e:
+                parser.exit(cli.exit_code(e), f"error: {job.name}: {cli.error_line(e)[len('error: '):]}\n")
+            except Exception:  # noqa: BLE001 -- a bug: its traceback, then one line
+                traceback.print_exc()
+                parser.exit(cli.EXIT_FAILURE, f"error: {job.name} failed (traceback above)\n")
+            rows.append(r['metrics'])
+            print(_report(job, r), flush=True)
     vl = np.array([m['val_loss'] for m in rows])
+    trained = sum(j.state.kind != 'done' or p.opts.force for j in p.jobs)
     print(f"{len(rows)} trial(s) ({trained} trained, {len(rows) - trained} already done) in "
-          f"{os.path.join(args.results_dir, study, args.model, args.activation)}: "
-          f"val loss {vl.mean():.4f}" + (f" ± {vl.std(ddof=1):.4f} (std)" if len(vl) > 1 else ""))
+          f"{p.study_dir}: val loss {vl.mean():.4f}" + (f" ± {vl.std(ddof=1):.4f} (std)" if len(vl) > 1 else ""))
+
+
+def _checkpoint_note(key):
+    it = store.checkpoint_iteration_any(key)
+    return f" but its checkpoint at iteration {it}" if it is not None else " and no checkpoint"
 
 
 if __name__ == '__main__':
-    stop_promptly_on_ctrl_c()
+    cli.stop_promptly_on_ctrl_c()
     main()

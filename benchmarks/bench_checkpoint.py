@@ -26,6 +26,7 @@ import train  # noqa: E402
 from config import Parser, add_config_args, config_from_args  # noqa: E402
 from model_factories import build_model  # noqa: E402
 from prepare_data import make_task  # noqa: E402
+from config import RunOptions
 
 
 def save_and_load(name, activation, config, task, folder, repeats=5):
@@ -81,7 +82,7 @@ def main():
             times, saving = {0: [], every: []}, []
             for r in range(args.repeats):
                 for ce in ((0, every) if r % 2 == 0 else (every, 0)):  # alternate: drift hits both alike
-                    rec = train.run_trial(name, args.activation, r, config, f'bench{ce}', train.RunOptions(
+                    rec = train.run_trial(name, args.activation, r, config, f'bench{ce}', RunOptions(
                         results_dir=d, data_dir=args.data_dir, progress=False, checkpoint_every=ce,
                         threads=args.threads))
                     times[ce].append(rec['metrics']['total_time'])

@@ -30,6 +30,8 @@ import time_estimate  # noqa: E402
 import train  # noqa: E402
 from config import Config, Parser  # noqa: E402
 from fileio import write_json  # noqa: E402
+import device
+import plan
 
 
 def run_once(workers, args, passthrough):
@@ -73,7 +75,7 @@ def main(argv=None):
     if out == 'none':
         out = None
 
-    cores = sweep.cores()
+    cores = plan.cores()
     print(f"sweep of {len(args.models)} models ({' '.join(args.models)}) x {len(args.activations)} activations "
           f"({' '.join(args.activations)}) x {args.trials} trials, preset {args.config}"
           + (f" with {' '.join(passthrough)}" if passthrough else '')
@@ -101,7 +103,7 @@ def main(argv=None):
         write_json(out, {
             'source': 'measured', 'benchmark': 'bench_sweep', 'date': datetime.datetime.now().astimezone().isoformat(),
             'hostname': socket.gethostname(), 'cores': cores, 'preset': args.config, 'passthrough': passthrough,
-            'git_commit': train._git('rev-parse', 'HEAD') or None, 'runs': rows, 'trials': all_trials})
+            'git_commit': device._git('rev-parse', 'HEAD') or None, 'runs': rows, 'trials': all_trials})
         print(f"figures written to {out}")
 
 

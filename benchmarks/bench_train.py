@@ -22,6 +22,7 @@ import train  # noqa: E402
 from config import Parser, add_config_args, config_from_args  # noqa: E402
 from model_factories import MODEL_NAMES, build_model  # noqa: E402
 from prepare_data import make_task  # noqa: E402
+from config import RunOptions
 
 
 def time_model(model, config, task, steps, warmup=3):
@@ -73,7 +74,7 @@ def main():
             with tempfile.TemporaryDirectory() as d:
                 t0 = time.perf_counter()
                 r = train.run_trial(name, args.activation, 0, config, 'bench',
-                                    train.RunOptions(d, data_dir=args.data_dir, progress=False))
+                                    RunOptions(d, data_dir=args.data_dir, progress=False))
                 trial = f"{time.perf_counter() - t0:15.1f} {r['metrics']['val_loss']:9.4f}"
         print(f"{name:16s} {step * 1000:9.1f} {tokens / step:10,.0f} {fwd * 1000:14.1f} {trial}", flush=True)
 

@@ -79,3 +79,9 @@ def tiny_mnist(tmp_path, monkeypatch):
     mnist._splits.cache_clear()
     yield str(tmp_path)
     mnist._splits.cache_clear()
+
+
+def trial_path(results_dir, study, model, activation, trial, ext='json'):
+    """A trial's file, as the store names it (store.TrialKey)."""
+    import store
+    return store.TrialKey(str(results_dir), study, model, activation, trial).path(ext)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import train
+import model_factories
 
 
 class LeakyLM(nn.Module):
@@ -31,5 +32,5 @@ class LeakyLM(nn.Module):
 
 def use_leaky_model(monkeypatch):
     """Make train.run_trial build LeakyLM(real model) for the rest of the test."""
-    real = train.build_model
+    real = model_factories.build_model
     monkeypatch.setattr(train, 'build_model', lambda *a, **k: LeakyLM(real(*a, **k)))

@@ -18,16 +18,19 @@ import torch
 import analyze_results
 import cli
 import plot_utils
+import plan as planning
 import run_info
+import store
 import run_all_experiments as sweep
 import train
 from config import Config, get_config
-from conftest import ROOT
+from conftest import ROOT, trial_path
 from model_factories import MODEL_NAMES, check_memory, estimate_memory
+from report import mean_std, timing_cell, timing_note
 
 TINY = ['--n_layer', '1', '--n_embd', '16', '--n_head', '2', '--block_size', '16', '--batch_size', '4',
         '--max_iters', '4', '--eval_interval', '2', '--eval_iters', '2', '--n_eval', '20', '--threads', '1']
-GRID = ['--models', 'minigpt', '--activations', 'relu', 'gelu', '--trials', '2']
+GRID = ['--models', 'minigpt', '--activations', 'relu', 'gelu', '--trials', '2', '--study', 'cpu']
 
 
 @pytest.fixture(scope='module')
@@ -86,13 +89,13 @@ def test_a_results_path_under_a_regular_file_is_one_line(script, studies, corpus
 
 
 def test_a_sweep_records_an_os_error_on_a_trial_and_goes_on(corpus, tmp_path, monkeypatch, capsys):
-    real = train.atomic_write
+    real = store.atomic_write
 
     def full_disk(path, write, check=None):
         if os.sep + 'gelu' + os.sep in path:
             raise OSError(28, 'No space left on device', path)
         return real(path, write, check)
-    monkeypatch.setattr(train, 'atomic_write', full_disk)
+    monkeypatch.setattr(store, 'atomic_write', full_disk)
     results = tmp_path / 'r'
     assert sweep.main([*GRID, *TINY, '--data', corpus, '--results-dir', str(results), '--no-analyze']) == 1
     captured = capsys.readouterr()
@@ -101,7 +104,7 @@ def test_a_sweep_records_an_os_error_on_a_trial_and_goes_on(corpus, tmp_path, mo
         failed = [json.loads(line) for line in f]
     assert sorted((r['activation'], r['trial']) for r in failed) == [('gelu', 0), ('gelu', 1)]
     assert all('No space left on device' in r['error'] for r in failed)
-    assert all(os.path.exists(train.trial_path(str(results), 'cpu', 'minigpt', 'relu', k)) for k in (0, 1))
+    assert all(os.path.exists(trial_path(str(results), 'cpu', 'minigpt', 'relu', k)) for k in (0, 1))
 
 
 # ----------------------------------------------------------------------------- item 3: memory, progress, Ctrl-C
@@ -189,7 +192,7 @@ def test_ctrl_c_during_a_trial_exits_130_and_leaves_no_result(corpus, tmp_path):
     assert p.returncode == cli.EXIT_INTERRUPT
     assert 'interrupted: minigpt/relu trial 0 stopped and left no result' in one_line(err)
     # only the mid-trial checkpoint (one every 2 steps) that the same command resumes from
-    assert [f for _, _, fs in os.walk(tmp_path) for f in fs] == ['.trial_0.ckpt']
+    assert sorted(f for _, _, fs in os.walk(tmp_path) for f in fs) == ['.sweep.lock', '.trial_0.ckpt', '.trial_0.ckpt.json']
 
 
 # ----------------------------------------------------------------------------- items 4, 5, 6: compare, report, timing
@@ -229,17 +232,17 @@ def test_the_report_opens_with_what_was_run(studies, tmp_path):
         assert any('max_iters 6' in t.get_text() for t in fig.texts)
     # the time column: labelled, all-in seconds, two significant digits of the std
     assert 'time per trial, all-in (s)' in report
-    assert run_info.mean_std(95.5072, 4.4577) == '95.5 ± 4.5'
-    assert run_info.mean_std(44.1234, 0.3123) == '44.12 ± 0.31'
-    assert run_info.mean_std(122.3333, None) == '122'
+    assert mean_std(95.5072, 4.4577) == '95.5 ± 4.5'
+    assert mean_std(44.1234, 0.3123) == '44.12 ± 0.31'
+    assert mean_std(122.3333, None) == '122'
 
 
 def test_the_timing_note_says_when_threads_differ():
     info = {'threads': ['1', '2'], 'devices': ['cpu (x86_64)'], 'groups_mixing_threads': ['minigpt/relu']}
-    note = run_info.timing_note(info)
+    note = timing_note(info)
     assert '2 thread counts (1, 2)' in note and 'not comparable' in note and '†' in note
     row = {'model_name': 'minigpt', 'activation': 'relu', 'trial_stats': {'total_time': {'mean': 3.0, 'std': 0.5}}}
-    assert run_info.timing_cell(row, info) == '3.00 ± 0.50 †'
+    assert timing_cell(row, info) == '3.00 ± 0.50 †'
 
 
 # ----------------------------------------------------------------------------- items 7, 8, 9, 10
@@ -248,7 +251,7 @@ def test_exit_codes_match_across_scripts_for_a_config_conflict(studies, corpus, 
     results = str(studies / 'a')
     with pytest.raises(SystemExit) as e:
         train.main(['--model', 'minigpt', '--activation', 'relu', '--trials', '2', *TINY, '--max_iters', '5',
-                    '--data', corpus, '--results-dir', results])
+                    '--data', corpus, '--results-dir', results, '--study', 'cpu'])
     train_err = one_line(capsys.readouterr().err)
     code = sweep.main([*GRID, *TINY, '--max_iters', '5', '--data', corpus, '--results-dir', results])
     sweep_err = one_line(capsys.readouterr().err)
@@ -257,10 +260,10 @@ def test_exit_codes_match_across_scripts_for_a_config_conflict(studies, corpus, 
 
 
 def test_a_rerun_of_finished_trials_says_skipped(studies, corpus, capsys):
-    before = {p: os.path.getmtime(p) for p in (train.trial_path(str(studies / 'a'), 'cpu', 'minigpt', 'relu', k)
+    before = {p: os.path.getmtime(p) for p in (trial_path(str(studies / 'a'), 'cpu', 'minigpt', 'relu', k)
                                                for k in (0, 1))}
     train.main(['--model', 'minigpt', '--activation', 'relu', '--trials', '2', *TINY, '--data', corpus,
-                '--results-dir', str(studies / 'a')])
+                '--results-dir', str(studies / 'a'), '--study', 'cpu'])
     out = capsys.readouterr().out
     assert out.count('already done (skipped)') == 2 and '(0 trained, 2 already done)' in out
     assert 's all-in' not in out  # not the line of a trial that trained
@@ -270,7 +273,7 @@ def test_a_rerun_of_finished_trials_says_skipped(studies, corpus, capsys):
 def test_dry_run_reads_no_data(studies, corpus, tmp_path, monkeypatch, capsys):
     def no_data(*a, **k):
         raise AssertionError('a dry run read the data')
-    monkeypatch.setattr(sweep, 'make_task', no_data)
+    monkeypatch.setattr(planning, 'make_task', no_data)
     base = [*GRID, *TINY, '--data', corpus, '--dry-run']
     assert sweep.main([*base, '--results-dir', str(studies / 'a')]) == 0
     out = capsys.readouterr().out

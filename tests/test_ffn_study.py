@@ -15,6 +15,8 @@ import metrics
 import mnist
 import run_all_experiments as rae
 import sweep
+import plan as planning
+from plan import cores
 
 FAST = ['--widths', '2', '--batch-sizes', '64', '--lrs', '0.01', '0.001', '--trials', '3',
         '--workers', '1', '--threads', '1']
@@ -113,31 +115,31 @@ def test_seed_bootstrap_interval_calibration():
 # ----------------------------------------------------------------------------- the plan
 
 def plan_of(*args):
-    return rae.make_plan(rae.make_parser().parse_args(list(args)))
+    return planning.make_plan(rae.make_parser().parse_args(list(args)))
 
 
 def test_plan_is_the_full_factorial_grid(mnist1d_dir, tmp_path):
     plan = plan_of('--study', 'mnist_ffn', '--data-dir', mnist1d_dir, '--results-dir', str(tmp_path))
-    jobs = plan['to_run']
-    seen = [(j['config'].hidden, j['config'].batch_size, j['config'].learning_rate, j['activation'], j['trial'])
+    jobs = plan.to_run
+    seen = [(j.config.hidden, j.config.batch_size, j.config.learning_rate, j.activation, j.trial)
             for j in jobs]
     expected = list(itertools.product((2, 4, 8, 16), (8, 64), (1e-1, 1e-2, 1e-3, 1e-4), ('relu', 'geglu'), range(20)))
     assert len(seen) == len(set(seen)) == 1280 and set(seen) == set(expected)
-    assert len(plan['cells']) == 32 and not plan['done']
+    assert len(plan.cells) == 32 and not plan.done
     for j in jobs:  # one study folder per cell, named from its config; every job carries its cell's config
-        c = j['config']
-        assert j['study'] == f"mnist_ffn/mnist1d/gated_same/h{c.hidden}_b{c.batch_size}_lr{c.learning_rate:g}"
-        assert j['model'] == 'ffn' and c.dataset == 'mnist1d' and c.gated_width == 'same'
-    assert plan['study_dir'] == os.path.join(str(tmp_path), 'mnist_ffn', 'mnist1d', 'gated_same')
+        c = j.config
+        assert j.study == f"mnist_ffn/mnist1d/gated_same/h{c.hidden}_b{c.batch_size}_lr{c.learning_rate:g}"
+        assert j.model == 'ffn' and c.dataset == 'mnist1d' and c.gated_width == 'same'
+    assert plan.study_dir == os.path.join(str(tmp_path), 'mnist_ffn', 'mnist1d', 'gated_same')
     # tiny trials: one thread each and one worker per core, said in the plan
-    assert plan['threads'] == 1 and plan['workers'] == sweep.cores()
-    assert 'one thread each, one worker per core' in rae.describe(plan)
-    assert '32 cell(s) x 1 model(s) x 2 activation(s) x 20 trial(s) = 1280' in rae.describe(plan)
+    assert plan.threads == 1 and plan.workers == cores()
+    assert 'one thread each, one worker per core' in planning.describe(plan)
+    assert '32 cell(s) x 1 model(s) x 2 activation(s) x 20 trial(s) = 1280' in planning.describe(plan)
     # flags narrow the grid; the matched arm goes to its own folder
     small = plan_of('--study', 'mnist_ffn', '--data-dir', mnist1d_dir, '--results-dir', str(tmp_path), '--widths', '4',
                     '--lrs', '0.01', '--gated-width', 'matched', '--trials', '2', '--workers', '1', '--threads', '2')
-    assert small['cells'] == ['h4_b8_lr0.01', 'h4_b64_lr0.01'] and len(small['to_run']) == 8
-    assert small['study_dir'].endswith(os.path.join('mnist1d', 'gated_matched')) and small['threads'] == 2
+    assert list(small.cells) == ['h4_b8_lr0.01', 'h4_b64_lr0.01'] and len(small.to_run) == 8
+    assert small.study_dir.endswith(os.path.join('mnist1d', 'gated_matched')) and small.threads == 2
 
 
 @pytest.mark.parametrize('args, message', [

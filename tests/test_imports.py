@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 TORCH_FREE = ('analyze_results', 'metrics', 'plot_utils', 'routing_metrics', 'activation_names', 'fileio', 'sanity', 'report',
-              'trial_files', 'ffn_report')
+              'store', 'config', 'cli', 'run_info', 'ffn_report')
 
 
 def project_modules():

@@ -13,11 +13,12 @@ import fileio
 import mnist
 import train
 from config import get_config
-from conftest import idx_bytes
+from conftest import idx_bytes, trial_path
 from model import FFN
 from model_factories import CLASSIFIER_NAMES, MODEL_NAMES, build_model, check_model, count_parameters
 from fileio import DataError, write_json
 from prepare_data import make_task
+from config import RunOptions
 
 
 # ----------------------------------------------------------------------------- IDX files
@@ -92,12 +93,12 @@ def test_mnist_trial_with_tiny_files(tiny_mnist, tmp_path):
     assert (len(task.train_y), len(task.eval_y), len(task.test_y)) == (40, 20, 20)
     assert task.config_updates() == {'vocab_size': 10, 'n_inputs': 784, 'n_eval': 20, 'max_iters': 5}
     assert abs(float(task.eval_x.mean())) < 5  # standardised pixels, not raw bytes
-    r = train.run_trial('ffn', 'relu', 0, cfg, 's', train.RunOptions(str(tmp_path / 'res'), data_dir=tiny_mnist,
+    r = train.run_trial('ffn', 'relu', 0, cfg, 's', RunOptions(str(tmp_path / 'res'), data_dir=tiny_mnist,
                                                                       progress=False))
     m = r['metrics']
     assert m['iters'] == 5 and 0 <= m['test_accuracy'] <= 1 and m['n_test'] == 20
     assert r['data']['md5']['train-images-idx3-ubyte.gz'] == mnist.MNIST_FILES['train_images'][1]
-    with np.load(train.trial_path(str(tmp_path / 'res'), 's', 'ffn', 'relu', 0, 'npz')) as z:
+    with np.load(trial_path(str(tmp_path / 'res'), 's', 'ffn', 'relu', 0, 'npz')) as z:
         assert z['probs'].shape == (20, 10)
         np.testing.assert_array_equal(z['targets'], task.eval_y.numpy())
 
@@ -195,18 +196,18 @@ def test_matched_gated_width_is_the_closest_real_parameter_count(depth):
 def test_model_and_task_kinds_must_match(mnist1d_dir, tiny_corpus, tmp_path):
     with pytest.raises(ValueError, match="model 'minigpt' trains on lm data, but dataset 'mnist1d'"):
         train.run_trial('minigpt', 'gelu', 0, get_config('mnist_ffn'), None,
-                        train.RunOptions(str(tmp_path), data_dir=mnist1d_dir, progress=False))
+                        RunOptions(str(tmp_path), data_dir=mnist1d_dir, progress=False))
     with pytest.raises(ValueError, match="model 'ffn' trains on classification data"):
         train.run_trial('ffn', 'relu', 0, get_config('cpu', dataset=tiny_corpus), None,
-                        train.RunOptions(str(tmp_path), progress=False))
+                        RunOptions(str(tmp_path), progress=False))
     assert not list(tmp_path.rglob('*.json'))
 
 
 def test_results_saved_before_the_classifier_fields_existed_still_resume(mnist1d_dir, tmp_path):
     cfg = get_config('mnist_ffn')
-    opts = train.RunOptions(str(tmp_path), data_dir=mnist1d_dir, progress=False)
+    opts = RunOptions(str(tmp_path), data_dir=mnist1d_dir, progress=False)
     r = train.run_trial('ffn', 'relu', 0, cfg, 's', opts)
-    path = train.trial_path(str(tmp_path), 's', 'ffn', 'relu', 0)
+    path = trial_path(str(tmp_path), 's', 'ffn', 'relu', 0)
     # a config field added later (here: depth and gated_width, at their defaults) is absent from an old record
     r['config'].pop('depth')
     r['config'].pop('gated_width')

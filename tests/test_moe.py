@@ -17,8 +17,15 @@ import routing_metrics as rm
 import train
 from config import get_config
 from model_factories import MODEL_NAMES, build_model
+from conftest import trial_path
+from config import RunOptions
 
 VOCAB, T = 11, 12
+
+
+def agree(a, b):
+    """Routing agreement of two trials (mean over MoE layers)."""
+    return rm.pairwise_routing_agreement([a, b])['mean']
 
 
 def tiny(**kw):
@@ -216,12 +223,12 @@ def test_routing_agreement_is_one_for_a_model_with_itself_and_invariant_to_exper
         b_model(idx)
         b = b_model.eval_extras()['routing']
     assert a.shape == (6, 2, T) and a.dtype == np.int16
-    assert rm.routing_agreement(a, a) == 1.0
+    assert agree(a, a) == 1.0
     assert np.all(rm.routing_agreement_per_layer(a, a) == 1.0)
     perm = np.array([2, 0, 3, 1])
-    assert rm.routing_agreement(a, perm[a]) == 1.0
-    assert rm.routing_agreement(b, perm[a]) == rm.routing_agreement(b, a) == rm.routing_agreement(a, b)
-    assert rm.routing_agreement(a, b) < 1.0
+    assert agree(a, perm[a]) == 1.0
+    assert agree(b, perm[a]) == agree(b, a) == agree(a, b)
+    assert agree(a, b) < 1.0
     # relabel the experts of the model itself (router rows and expert modules): same
     # function, permuted routing, agreement 1
     with torch.no_grad():
@@ -232,7 +239,7 @@ def test_routing_agreement_is_one_for_a_model_with_itself_and_invariant_to_exper
         logits_p = a_model(idx)[0]
         p = a_model.eval_extras()['routing']
     torch.testing.assert_close(logits_p, logits_a)
-    assert np.array_equal(p, perm[a]) and rm.routing_agreement(a, p) == 1.0
+    assert np.array_equal(p, perm[a]) and rm.pairwise_routing_agreement([a, p])['mean'] == 1.0
 
 
 def test_routing_agreement_matches_experts_by_maximum_assignment():
@@ -241,18 +248,18 @@ def test_routing_agreement_matches_experts_by_maximum_assignment():
     counts = rm.co_routing_counts(a, b)
     assert counts.tolist() == [[0, 2, 1], [2, 0, 0], [0, 1, 2]]
     assert rm.match_experts(counts).tolist() == [1, 0, 2]
-    assert rm.routing_agreement(a, b) == pytest.approx(6 / 8)
+    assert rm.pairwise_routing_agreement([a, b])['mean'] == pytest.approx(6 / 8)
     r = rm.pairwise_routing_agreement([a, b, a])
     assert [x[2] for x in r['pairs']] == pytest.approx([0.75, 1.0, 0.75])
     with pytest.raises(ValueError):
-        rm.routing_agreement(a, b[:4])
+        rm.pairwise_routing_agreement([a, b[:4]])
 
 
 # ----------------------------------------------------------------------------- through the trainer
 
 def run(cfg, tmp_path, trial=0, vary='all', activation='gelu'):
     return train.run_trial('switchlm', activation, trial, cfg, 's',
-                           train.RunOptions(results_dir=str(tmp_path / 'results'), vary=vary, progress=False))
+                           RunOptions(results_dir=str(tmp_path / 'results'), vary=vary, progress=False))
 
 
 def test_trial_trains_and_saves_routing(tiny_config, tmp_path):
@@ -266,16 +273,19 @@ def test_trial_trains_and_saves_routing(tiny_config, tmp_path):
                 'moe_train_aux_loss', 'moe_train_z_loss', 'moe_train_dropped_fraction'):
         assert math.isfinite(m[key]), key
     assert 0 <= m['moe_dropped_fraction'] <= 1 and 0 < m['moe_router_entropy'] <= math.log(cfg.n_experts) + 1e-6
-    paths = [train.trial_path(str(tmp_path / 'results'), 's', 'switchlm', 'gelu', k, 'npz') for k in (0, 1)]
+    paths = [trial_path(str(tmp_path / 'results'), 's', 'switchlm', 'gelu', k, 'npz') for k in (0, 1)]
     with np.load(paths[0]) as z:
         assert z['routing'].shape == (cfg.n_eval, n_layers, cfg.block_size)
         assert z['routing'].dtype == np.int16 and z['routing_dropped'].dtype == bool
         # the evaluation-set dropped fraction is exactly what the saved flags say (top-1)
         assert m['moe_dropped_fraction'] == pytest.approx(float(z['routing_dropped'].mean()))
-    routing = [rm.load_routing(p) for p in paths]
-    agreement = rm.routing_agreement(*routing)
+    routing = []
+    for p in paths:
+        with np.load(p) as z:
+            routing.append(z['routing'])
+    agreement = rm.pairwise_routing_agreement(routing)['mean']
     assert 0 < agreement <= 1
-    assert json.load(open(train.trial_path(str(tmp_path / 'results'), 's', 'switchlm', 'gelu', 0)))['metrics'] == m
+    assert json.load(open(trial_path(str(tmp_path / 'results'), 's', 'switchlm', 'gelu', 0)))['metrics'] == m
 
 
 def test_a_planted_nan_stops_the_trial_with_a_training_error(tiny_config, tmp_path, monkeypatch):

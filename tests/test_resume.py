@@ -24,11 +24,12 @@ import checkpoint
 import mnist
 import report
 import run_all_experiments as rae
+import store
 import train
-from conftest import ROOT
+from conftest import ROOT, trial_path
 from fileio import sha256_file
 from prepare_data import make_task
-from trial_files import trial_path
+from config import RunOptions
 
 # 12 iterations, an evaluation (and by default a checkpoint) every 4: checkpoints at 4 and 8
 TINY = ['--n_layer', '1', '--n_embd', '16', '--n_head', '2', '--block_size', '16', '--batch_size', '4',
@@ -38,6 +39,10 @@ TINY = ['--n_layer', '1', '--n_embd', '16', '--n_head', '2', '--block_size', '16
 def train_argv(corpus, results, vary='all', *extra):
     return ['--model', 'minigpt', '--activation', 'gelu', '--trials', '1', '--threads', '1', *TINY,
             '--data', corpus, '--results-dir', str(results), '--study', 's', '--vary', vary, *extra]
+
+
+def KEY(results, m='minigpt', a='gelu', k=0):
+    return store.TrialKey(str(results), 's', m, a, k)
 
 
 def trial_files(results, m='minigpt', a='gelu', k=0):
@@ -117,11 +122,11 @@ def uninterrupted(corpus, tmp_path_factory):
 def test_sigkilled_trial_resumes_bitwise(vary, kills, resumed_from, where, corpus, tmp_path, uninterrupted,
                                          capsys):
     argv = train_argv(corpus, tmp_path, vary)
-    ckpt = checkpoint.checkpoint_path(trial_path(str(tmp_path), 's', 'minigpt', 'gelu', 0))
+    ckpt = KEY(tmp_path).ckpt
     for kill_at in kills:
         killed(lambda: train.main(argv), kill_at)
         assert os.path.exists(ckpt) and not os.path.exists(trial_path(str(tmp_path), 's', 'minigpt', 'gelu', 0))
-        assert bool(checkpoint.temp_files(ckpt)) == kill_at.startswith('checkpoint-write')  # half a file: unused
+        assert bool(store.checkpoint_temp_files(KEY(tmp_path))) == kill_at.startswith('checkpoint-write')  # half a file: unused
     train.main(argv)  # the same command again
     rec, probs = trial_files(tmp_path)
     assert rec['resumed_from'] == resumed_from, where
@@ -152,7 +157,7 @@ def test_moe_accumulation_and_early_stopping_state_survive_a_resume(tiny_config,
 
     def run(results):
         return train.run_trial('switchlm', 'relu', 0, cfg, 's',
-                               train.RunOptions(results_dir=str(results), progress=False, threads=1))
+                               RunOptions(results_dir=str(results), progress=False, threads=1))
     ref = run(tmp_path / 'ref')
     assert ref['metrics']['stopped_early_at'] == 12 and np.argmin(ref['history']['val_loss']) == 4
     interrupted(monkeypatch, 11, lambda: run(tmp_path / 'res'))  # the last checkpoint: 10, best weights of 8
@@ -194,7 +199,7 @@ def test_classification_stream_restarts_across_epochs():
 ])
 def test_checkpoint_of_another_config_is_refused_and_kept(change, needle, corpus, tmp_path, monkeypatch, capsys):
     interrupted(monkeypatch, 6, lambda: train.main(train_argv(corpus, tmp_path)))
-    ckpt = checkpoint.checkpoint_path(trial_path(str(tmp_path), 's', 'minigpt', 'gelu', 0))
+    ckpt = KEY(tmp_path).ckpt
     saved = open(ckpt, 'rb').read()
     capsys.readouterr()
     train.main(train_argv(corpus, tmp_path, 'all', *change))
@@ -208,7 +213,7 @@ def test_checkpoint_of_another_config_is_refused_and_kept(change, needle, corpus
 def test_truncated_checkpoint_is_reported_kept_and_the_trial_starts_over(corpus, tmp_path, uninterrupted,
                                                                          monkeypatch, capsys):
     interrupted(monkeypatch, 9, lambda: train.main(train_argv(corpus, tmp_path)))
-    ckpt = checkpoint.checkpoint_path(trial_path(str(tmp_path), 's', 'minigpt', 'gelu', 0))
+    ckpt = KEY(tmp_path).ckpt
     half = open(ckpt, 'rb').read()[:os.path.getsize(ckpt) // 2]
     open(ckpt, 'wb').write(half)
     capsys.readouterr()

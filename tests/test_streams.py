@@ -15,6 +15,11 @@ import train
 from leaky import LeakyLM, use_leaky_model
 from config import get_config
 from model_factories import MODEL_NAMES
+from conftest import trial_path
+import store
+import trial_checks
+import prepare_data
+from config import RunOptions
 
 STREAMS = ('init', 'data', 'dropout')
 EXPECTED = {'all': {'init', 'data', 'dropout'}, 'init': {'init'}, 'data': {'data'},
@@ -27,7 +32,7 @@ def cfg(tiny_config):
 
 
 def run(cfg, tmp_path, trial, vary, model='minigpt', study='s'):
-    opts = train.RunOptions(results_dir=str(tmp_path / 'results'), vary=vary, progress=False)
+    opts = RunOptions(results_dir=str(tmp_path / 'results'), vary=vary, progress=False)
     return train.run_trial(model, 'gelu', trial, cfg, study, opts)
 
 
@@ -43,7 +48,7 @@ def stream_warnings(tmp_path, study='s'):
 
 
 def probs(record, tmp_path, study='s'):
-    path = train.trial_path(str(tmp_path / 'results'), study, record['model'], record['activation'],
+    path = trial_path(str(tmp_path / 'results'), study, record['model'], record['activation'],
                             record['trial'], 'npz')
     with np.load(path) as z:
         return z['probs']
@@ -51,12 +56,12 @@ def probs(record, tmp_path, study='s'):
 
 # ----------------------------------------------------------------------------- fingerprints
 
-@pytest.mark.parametrize('vary', train.VARY_MODES)
+@pytest.mark.parametrize('vary', store.VARY_MODES)
 def test_fingerprints_differ_in_exactly_the_varied_streams(cfg, tmp_path, vary):
     r0, r1 = run(cfg, tmp_path, 0, vary), run(cfg, tmp_path, 1, vary)
     for r in (r0, r1):
         assert set(r['streams']) == set(STREAMS) and all(len(v) == 16 for v in r['streams'].values())
-        assert r['seeds'] == train.trial_seeds(cfg.seed_base, r['trial'], vary)  # seed numbers stay
+        assert r['seeds'] == store.trial_seeds(cfg.seed_base, r['trial'], vary)  # seed numbers stay
     differ = {k for k in STREAMS if r0['streams'][k] != r1['streams'][k]}
     assert differ == EXPECTED[vary]
     assert stream_warnings(tmp_path) == []
@@ -68,20 +73,20 @@ def test_fingerprints_are_the_real_state(cfg):
     batch = [(torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long))]
     cpu = torch.device('cpu')
     torch.manual_seed(5)
-    f = train.stream_fingerprints(model, batch, cpu)
-    assert train.stream_fingerprints(model, batch, cpu) == f, "reading the streams consumes nothing"
+    f = trial_checks.stream_fingerprints(model, batch, cpu)
+    assert trial_checks.stream_fingerprints(model, batch, cpu) == f, "reading the streams consumes nothing"
     torch.rand(1)
-    assert train.stream_fingerprints(model, batch, cpu)['dropout'] != f['dropout']
+    assert trial_checks.stream_fingerprints(model, batch, cpu)['dropout'] != f['dropout']
     torch.manual_seed(5)
     with torch.no_grad():
         next(model.parameters())[0, 0] += 1
-    g = train.stream_fingerprints(model, [(batch[0][0] + 1, batch[0][1])], cpu)
+    g = trial_checks.stream_fingerprints(model, [(batch[0][0] + 1, batch[0][1])], cpu)
     assert g['init'] != f['init'] and g['data'] != f['data'] and g['dropout'] == f['dropout']
 
 
 def test_fingerprints_of_a_classifier(tiny_mnist, tmp_path):
     cfg = get_config('mnist_ffn', dataset='mnist', batch_size=8, eval_interval=2, eval_iters=2)
-    opts = train.RunOptions(results_dir=str(tmp_path / 'results'), vary='data', data_dir=tiny_mnist, progress=False)
+    opts = RunOptions(results_dir=str(tmp_path / 'results'), vary='data', data_dir=tiny_mnist, progress=False)
     rs = [train.run_trial('ffn', 'relu', k, cfg, 's', opts) for k in (0, 1)]
     assert {k for k in STREAMS if rs[0]['streams'][k] != rs[1]['streams'][k]} == {'data'}
     # a classifier's input has no time axis: there is no future to leak
@@ -103,7 +108,7 @@ def test_nothing_seeds_the_global_rng_between_the_dropout_seed_and_the_first_ste
     monkeypatch.setattr(torch, 'seed', recorder('seed', torch.seed))
     monkeypatch.setattr(train, 'train_step', recorder('step', train.train_step))
     run(cfg, tmp_path, 1, 'init')
-    seeds = train.trial_seeds(cfg.seed_base, 1, 'init')
+    seeds = store.trial_seeds(cfg.seed_base, 1, 'init')
     first_step = events.index(('step', None))
     assert events[first_step - 1] == ('manual_seed', seeds['dropout']), events[:first_step + 1]
     assert [e for e in events[:first_step] if e[0] == 'manual_seed'] == [('manual_seed', seeds['dropout'])]
@@ -137,7 +142,7 @@ def test_reseeding_with_the_init_seed_after_the_build_cannot_reach_dropout(cfg, 
     the model is built (what torch.manual_seed(init) did to every CUDA generator). The dropout
     seed is applied after the build, so the leak changes nothing."""
     clean = run(cfg, tmp_path, 1, 'init', study='clean')
-    real = train.build_model
+    real = model_factories.build_model
 
     def leaks_init_seed(*a, seed=None, **k):
         model = real(*a, seed=seed, **k)
@@ -156,7 +161,7 @@ def test_a_dropout_stream_drawn_from_the_init_seed_is_flagged(cfg, tmp_path, mon
     effect of the CUDA bug): under --vary init the analysis names the dropout stream."""
     real = train.seed_dropout_stream
     for k in (0, 1):
-        init_seed = train.trial_seeds(cfg.seed_base, k, 'init')['init']
+        init_seed = store.trial_seeds(cfg.seed_base, k, 'init')['init']
         monkeypatch.setattr(train, 'seed_dropout_stream', lambda seed, s=init_seed: real(s))
         run(cfg, tmp_path, k, 'init')
     w = stream_warnings(tmp_path)
@@ -182,10 +187,10 @@ def test_stream_check_wording_and_old_results(cfg, tmp_path):
     w = check(lambda ts: ts[0]['record'].pop('streams'))
     assert w == ["minigpt/gelu: trial(s) 0 saved no stream fingerprints (older results): cannot verify "
                  "that --vary data changed only its streams"]
-    os.remove(train.trial_path(str(tmp_path / 'results'), 's', 'minigpt', 'gelu', 1))
-    os.remove(train.trial_path(str(tmp_path / 'results'), 's', 'minigpt', 'gelu', 1, 'npz'))
+    os.remove(trial_path(str(tmp_path / 'results'), 's', 'minigpt', 'gelu', 1))
+    os.remove(trial_path(str(tmp_path / 'results'), 's', 'minigpt', 'gelu', 1, 'npz'))
     import json
-    path = train.trial_path(str(tmp_path / 'results'), 's', 'minigpt', 'gelu', 0)
+    path = trial_path(str(tmp_path / 'results'), 's', 'minigpt', 'gelu', 0)
     rec = json.load(open(path))
     del rec['streams']
     json.dump(rec, open(path, 'w'))
@@ -206,7 +211,7 @@ def test_causality_probe_catches_a_model_that_sees_the_next_token(cfg, tmp_path,
     r = run(replace(cfg, max_iters=2, eval_interval=2), tmp_path, 0, 'all')
     assert r['metrics']['causality_max_change'] > 1e-2
     # the probe itself: a real model is causal, the same model shifted by one token is not
-    task = train.make_task(cfg)
+    task = prepare_data.make_task(cfg)
     model = model_factories.build_model('minigpt', 'gelu', replace(cfg, **task.config_updates()), seed=0)
-    assert train.causality_probe(model, task, torch.device('cpu')) == 0.0
-    assert train.causality_probe(LeakyLM(model), task, torch.device('cpu')) > 1e-2
+    assert trial_checks.causality_probe(model, task, torch.device('cpu')) == 0.0
+    assert trial_checks.causality_probe(LeakyLM(model), task, torch.device('cpu')) > 1e-2

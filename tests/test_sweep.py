@@ -17,10 +17,14 @@ import torch
 
 import checkpoint
 import run_all_experiments as rae
+import store
+from fileio import sha256_file
 import sweep
 import time_estimate
 import train
-from conftest import ROOT
+from conftest import ROOT, trial_path
+from config import RunOptions
+from plan import Job
 
 GRID = ['--models', 'minigpt', 'charlm', '--activations', 'relu', 'gelu', '--trials', '2']
 TINY = ['--n_layer', '1', '--n_embd', '16', '--n_head', '2', '--block_size', '16', '--batch_size', '4',
@@ -35,18 +39,18 @@ def argv(corpus, results, *extra, grid=GRID, tiny=TINY):
 
 
 def record(results, m, a, k, study='s'):
-    with open(train.trial_path(str(results), study, m, a, k)) as f:
+    with open(trial_path(str(results), study, m, a, k)) as f:
         return json.load(f)
 
 
 def probs(results, m, a, k, study='s'):
-    with np.load(train.trial_path(str(results), study, m, a, k, 'npz')) as z:
+    with np.load(trial_path(str(results), study, m, a, k, 'npz')) as z:
         return z['probs']
 
 
 def started(results):
     return {t: record(results, *t)['provenance']['started_at'] for t in TRIALS
-            if os.path.exists(train.trial_path(str(results), 's', *t))}
+            if os.path.exists(trial_path(str(results), 's', *t))}
 
 
 def assert_same_predictions(a, b):
@@ -134,7 +138,7 @@ def test_rerun_trains_nothing_and_a_deleted_trial_alone_retrains(reference, copy
     assert started(results) == before
 
     gone = ('charlm', 'gelu', 1)
-    os.remove(train.trial_path(str(results), 's', *gone))
+    os.remove(trial_path(str(results), 's', *gone))
     assert rae.main(argv(corpus, results, '--no-analyze')) == 0
     out = capsys.readouterr().out
     assert '1 trial(s) trained, 7 already done' in out
@@ -171,7 +175,7 @@ def test_failed_trial_is_recorded_and_the_others_complete(corpus, tmp_path, monk
     assert rec['error'] == 'RuntimeError: simulated failure (test)'
     assert 'simulated failure' in rec['traceback'] and 'Traceback' in rec['traceback'] and rec['time']
     done = sorted(glob.glob(str(tmp_path / 's' / '*' / '*' / 'trial_*.json')))
-    assert len(done) == 3 and not os.path.exists(train.trial_path(str(tmp_path), 's', 'charlm', 'gelu', 0))
+    assert len(done) == 3 and not os.path.exists(trial_path(str(tmp_path), 's', 'charlm', 'gelu', 0))
 
     monkeypatch.setattr(train, 'run_trial', real)  # fixed: the rerun does only the failed trial
     assert rae.main(argv(corpus, tmp_path, '--no-analyze', grid=grid)) == 0
@@ -183,7 +187,7 @@ def test_failures_jsonl_lines_stay_whole(tmp_path):
     path = str(tmp_path / 'failures.jsonl')
     with open(path, 'w') as f:
         f.write('{"model": "cut short by a cr')  # what an older crash might have left
-    sweep.append_failure(path, {'model': 'm', 'error': 'multi\nline', 'trial': 0})
+    store.append_failure(str(tmp_path), {'model': 'm', 'error': 'multi\nline', 'trial': 0})
     with open(path) as f:
         lines = f.read().split('\n')
     assert lines[-1] == '' and json.loads(lines[1]) == {'model': 'm', 'error': 'multi\nline', 'trial': 0}
@@ -192,10 +196,9 @@ def test_failures_jsonl_lines_stay_whole(tmp_path):
 def test_each_job_runs_with_its_own_config_and_study(tiny_config, tmp_path):
     """The engine's contract: a job carries model, activation, trial, study and config; the
     sweep's one RunOptions says how they run."""
-    jobs = [{'model': 'minigpt', 'activation': 'relu', 'trial': 0, 'study': 'a', 'config': tiny_config},
-            {'model': 'charlm', 'activation': 'gelu', 'trial': 3, 'study': 'b',
-             'config': replace(tiny_config, max_iters=3, n_embd=8)}]
-    opts = train.RunOptions(results_dir=str(tmp_path), threads=1, progress=False)
+    jobs = [Job('minigpt', 'relu', 0, 'a', tiny_config),
+            Job('charlm', 'gelu', 3, 'b', replace(tiny_config, max_iters=3, n_embd=8))]
+    opts = RunOptions(results_dir=str(tmp_path), threads=1, progress=False)
     executor = sweep.InlineExecutor(opts)
     try:
         outcomes = list(executor.run(jobs))
@@ -203,10 +206,10 @@ def test_each_job_runs_with_its_own_config_and_study(tiny_config, tmp_path):
         executor.close()
     assert [j for j, _ in outcomes] == jobs and all(o['ok'] for _, o in outcomes)
     for job in jobs:
-        r = record(tmp_path, job['model'], job['activation'], job['trial'], study=job['study'])
-        assert r['study'] == job['study'] and r['metrics']['iters'] == job['config'].max_iters
-        assert r['config']['n_embd'] == job['config'].n_embd and r['provenance']['threads'] == 1
-    assert sweep.job_name(jobs[1]) == 'charlm/gelu trial 3'
+        r = record(tmp_path, job.model, job.activation, job.trial, study=job.study)
+        assert r['study'] == job.study and r['metrics']['iters'] == job.config.max_iters
+        assert r['config']['n_embd'] == job.config.n_embd and r['provenance']['threads'] == 1
+    assert jobs[1].name == 'charlm/gelu trial 3'
 
 
 # ----------------------------------------------------------------------------- parallel and distributed
@@ -278,11 +281,11 @@ def test_sigkill_at_a_random_moment_then_restart_finishes_each_trial_once(corpus
     proc.communicate()
     assert group_gone(proc.pid), 'worker processes outlived the killed sweep'
     before = {t: record(results, *t)['provenance']['started_at'] for t in all_trials()
-              if os.path.exists(train.trial_path(str(results), 's', *t))}
+              if os.path.exists(trial_path(str(results), 's', *t))}
     assert before
     assert len(before) < 12, 'the sweep had finished before the kill'
     for t in before:  # a finished trial is whole: its .npz matches the hash in its JSON
-        assert train.sha256_file(train.trial_path(str(results), 's', *t, 'npz')) == \
+        assert sha256_file(trial_path(str(results), 's', *t, 'npz')) == \
             record(results, *t)['predictions_sha256']
 
     proc = start_sweep(corpus, results)
@@ -306,8 +309,8 @@ def test_stray_temp_files_include_half_written_checkpoints(tmp_path):
     strays = ['.trial_0.npzab12cd.tmp', '.trial_0.jsonef34gh.tmp', '..trial_1.ckptij56kl.tmp']
     for name in strays + ['trial_0.json', 'trial_0.npz', '.trial_1.ckpt']:
         (folder / name).write_bytes(b'x')
-    assert sorted(map(os.path.basename, sweep.stray_temp_files(str(tmp_path / 's')))) == sorted(strays)
-    assert sweep.remove_stray_temp_files(str(tmp_path / 's')) == 3
+    assert sorted(map(os.path.basename, store.stray_temp_files(str(tmp_path / 's')))) == sorted(strays)
+    assert store.remove_stray_temp_files(str(tmp_path / 's')) == 3
     assert sorted(os.listdir(folder)) == ['.trial_1.ckpt', 'trial_0.json', 'trial_0.npz']
 
 
@@ -363,7 +366,7 @@ def test_a_study_whose_results_differ_is_refused_before_training(reference, copy
 
 def test_dry_run_lists_trials_and_estimates_time_only(reference, copy_of, corpus, capsys):
     results = copy_of(reference)
-    os.remove(train.trial_path(str(results), 's', 'minigpt', 'gelu', 1))
+    os.remove(trial_path(str(results), 's', 'minigpt', 'gelu', 1))
     files = sorted(glob.glob(str(results / '**'), recursive=True))
     assert rae.main(argv(corpus, results, '--dry-run')) == 0
     out = capsys.readouterr().out

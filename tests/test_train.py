@@ -15,22 +15,24 @@ import fileio
 import prepare_data
 import train
 from config import get_config, preset_names
-from conftest import ROOT
+from conftest import ROOT, trial_path
 from model_factories import build_model
 from fileio import DataError
 from prepare_data import make_task
+import store
+from config import RunOptions
 
 SHAKESPEARE_DIR = os.environ.get('REPRO_DATA_DIR') or os.path.join(ROOT, '..', 'shared', 'data')
 HAVE_SHAKESPEARE = os.path.exists(os.path.join(SHAKESPEARE_DIR, 'tinyshakespeare', 'input.txt'))
 
 
 def run(cfg, tmp_path, trial=0, vary='all', study='s', **kw):
-    opts = train.RunOptions(results_dir=str(tmp_path / 'results'), vary=vary, progress=False, **kw)
+    opts = RunOptions(results_dir=str(tmp_path / 'results'), vary=vary, progress=False, **kw)
     return train.run_trial('minigpt', 'gelu', trial, cfg, study, opts)
 
 
 def load_npz(record, tmp_path, study='s'):
-    path = train.trial_path(str(tmp_path / 'results'), study, record['model'], record['activation'],
+    path = trial_path(str(tmp_path / 'results'), study, record['model'], record['activation'],
                             record['trial'], 'npz')
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
@@ -155,11 +157,11 @@ def test_bad_text_inputs(tmp_path, tiny_config):
 # ----------------------------------------------------------------------------- seeds
 
 def test_trial_seeds_follow_vary():
-    assert train.trial_seeds(42, 3, 'all') == {'trial_seed': 45, 'init': 45, 'data': 45, 'dropout': 45}
-    assert train.trial_seeds(42, 3, 'init') == {'trial_seed': 45, 'init': 45, 'data': 42, 'dropout': 42}
-    assert train.trial_seeds(42, 3, 'none') == {'trial_seed': 45, 'init': 42, 'data': 42, 'dropout': 42}
+    assert store.trial_seeds(42, 3, 'all') == {'trial_seed': 45, 'init': 45, 'data': 45, 'dropout': 45}
+    assert store.trial_seeds(42, 3, 'init') == {'trial_seed': 45, 'init': 45, 'data': 42, 'dropout': 42}
+    assert store.trial_seeds(42, 3, 'none') == {'trial_seed': 45, 'init': 42, 'data': 42, 'dropout': 42}
     with pytest.raises(ValueError, match='all, init, data, dropout, none'):
-        train.trial_seeds(42, 0, 'everything')
+        store.trial_seeds(42, 0, 'everything')
 
 
 def test_same_trial_twice_is_bitwise_identical(tiny_config, tmp_path):
@@ -202,7 +204,7 @@ def test_trial_record_and_predictions(tiny_config, tmp_path):
     assert m['val_accuracy'] == pytest.approx(float((z['probs'].argmax(1) == z['targets']).mean()))
     assert r['history']['iter'] == [0, 3, 6] and len(r['history']['val_loss']) == 3
     assert all(g is not None for g in r['history']['grad_norm'][1:]), "gradient norm logged at eval points"
-    npz_path = train.trial_path(str(tmp_path / 'results'), 's', 'minigpt', 'gelu', 2, 'npz')
+    npz_path = trial_path(str(tmp_path / 'results'), 's', 'minigpt', 'gelu', 2, 'npz')
     assert hashlib.sha256(open(npz_path, 'rb').read()).hexdigest() == r['predictions_sha256']
     # atomic writes go through a private temp file; the result gets a normal file's mode
     umask = os.umask(0)
@@ -215,7 +217,7 @@ def test_finished_trial_is_reused_and_a_different_one_never_overwritten(tiny_con
     r = run(tiny_config, tmp_path)
     again = run(tiny_config, tmp_path)
     assert again['provenance']['started_at'] == r['provenance']['started_at'], "done trials are not retrained"
-    path = train.trial_path(str(tmp_path / 'results'), 's', 'minigpt', 'gelu', 0)
+    path = trial_path(str(tmp_path / 'results'), 's', 'minigpt', 'gelu', 0)
     before = open(path, 'rb').read()
     with pytest.raises(FileExistsError, match='n_embd'):
         run(replace(tiny_config, n_embd=32), tmp_path)
@@ -242,11 +244,11 @@ def test_a_killed_trial_leaves_no_json(tiny_config, tmp_path, monkeypatch):
     def broken_savez(f, **arrays):
         f.write(b'PK partial')
         raise KeyboardInterrupt
-    monkeypatch.setattr(train.np, 'savez', broken_savez)
+    monkeypatch.setattr(np, 'savez', broken_savez)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_config, tmp_path)
     left = [f for _, _, files in os.walk(tmp_path / 'results') for f in files]  # hidden temp files too
-    assert left == ['.trial_0.ckpt'], left  # only the mid-trial checkpoint the next run resumes from
+    assert sorted(left) == ['.trial_0.ckpt', '.trial_0.ckpt.json'], left  # only the checkpoint the next run resumes from (and its metadata)
 
 
 def test_non_finite_loss_stops_the_trial(tiny_config, tmp_path):
@@ -320,7 +322,7 @@ def test_defaults_are_the_plain_adamw_recipe(tiny_config, tmp_path):
     r = run(cfg, tmp_path)
     task = make_task(cfg)
     cfg = replace(cfg, **task.config_updates())
-    seeds = train.trial_seeds(cfg.seed_base, 0, 'all')
+    seeds = store.trial_seeds(cfg.seed_base, 0, 'all')
     torch.manual_seed(seeds['dropout'])
     stream = task.train_batches(cfg.batch_size, torch.Generator().manual_seed(seeds['data']))
     model = build_model('minigpt', 'gelu', cfg, seed=seeds['init'])
@@ -346,9 +348,12 @@ def test_end_to_end_on_the_real_corpus(tmp_path):
                         '--eval_iters', '2', '--n_eval', '50', '--results-dir', str(tmp_path),
                         '--data-dir', SHAKESPEARE_DIR], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    files = sorted(os.listdir(tmp_path / 'cpu' / 'minigpt' / 'swiglu'))
+    # a run with overrides says where its results go, and it is not the preset's own folder
+    study = tmp_path / 'cpu_eval_interval3_eval_iters2_max_iters6_n_eval50'
+    assert f"results go to {study}" in p.stdout and not (tmp_path / 'cpu').exists()
+    files = sorted(os.listdir(study / 'minigpt' / 'swiglu'))
     assert files == ['trial_0.json', 'trial_0.npz', 'trial_1.json', 'trial_1.npz']
-    r = json.load(open(tmp_path / 'cpu' / 'minigpt' / 'swiglu' / 'trial_1.json'))
+    r = json.load(open(study / 'minigpt' / 'swiglu' / 'trial_1.json'))
     assert r['data']['sha256'] == prepare_data.SHAKESPEARE_SHA256 and r['config']['vocab_size'] == 65
     assert r['metrics']['val_loss'] < r['history']['val_loss'][0], "six steps already lower the loss"
     assert 'val loss' in p.stdout
