@@ -11,10 +11,10 @@ Reads  <study>/<model>/<activation>/trial_<k>.json, the .npz each names, <study>
 Writes <study>/summary.json, <study>/REPORT.md, and PNGs in <study>/plots/ (--plots-dir).
 From Python: analyze(study_dir) does the same and returns the summary dict.
 
-A trial counts only if its JSON parses and its .npz loads and matches the recorded sha256;
-any other file is listed with the reason and skipped. Inputs are checked before anything is
-written, and every output goes to a temp file that is then renamed into place, so bad input
-overwrites nothing.
+A trial counts only if the store's validator accepts it (store.load_trial, the same one resume
+uses); any other file is listed with the reason and skipped. Inputs are checked before
+anything is written, and every output is written atomically, so bad input overwrites nothing.
+The statistics: docs/analysis.md; the files written: docs/results.md.
 
 A folder of study folders (the mnist_ffn design's <results>/mnist_ffn/<task>/gated_<mode>/,
 one study per grid cell) gets the FFN study's report instead: ffn_report.py.
@@ -33,7 +33,7 @@ import plot_utils
 import routing_metrics
 import sanity
 import store
-from cli import EXIT_FAILURE, EXIT_INTERRUPT, EXIT_USAGE, check_writable, exit_help, os_error_message
+from cli import EXIT_INTERRUPT, check_writable, error_line, exit_code, exit_help
 from config import Parser
 from fileio import AnalysisError, is_number, json_ready, write_json, write_text
 from report import render_compare, render_report
@@ -429,12 +429,10 @@ def main(argv=None):
             print(f"wrote {len(paths)} plots in {plots_dir}")
         else:
             analyze(args.results_dir, args.plots_dir, args.baseline, plots=not args.no_plots)
-    except AnalysisError as e:
-        parser.exit(EXIT_USAGE, f"error: {e}\n")
-    except OSError as e:
-        parser.exit(EXIT_FAILURE, f"error: {os_error_message(e)}\n")
     except KeyboardInterrupt:
         parser.exit(EXIT_INTERRUPT, "interrupted: outputs are written whole or not at all\n")
+    except (AnalysisError, OSError) as e:  # AnalysisError is a ValueError: a usage error
+        parser.exit(exit_code(e), error_line(e) + "\n")
 
 
 if __name__ == '__main__':

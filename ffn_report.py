@@ -62,16 +62,8 @@ def _interval(samples):
     return [float(lo), float(hi)] if np.isfinite(lo) and np.isfinite(hi) else None
 
 
-def build_ffn_summary(root, load_study, build_summary, baseline=None):
-    """The FFN study's summary dict from the cell folders under root (nothing written);
-    load_study and build_summary: analyze_results', the analysis of one study (a cell)."""
-    found = [_ffn_cell(d, baseline or 'relu', load_study, build_summary)
-             for d in sorted(glob.glob(os.path.join(root, '*', '')))
-             if glob.glob(os.path.join(d, '*', '*', 'trial_*.json')) or os.path.exists(os.path.join(d, 'failures.jsonl'))]
-    warnings = [f"{c['name']}: skipped {b['path']}: {b['reason']}" for c in found if not c['runs'] for b in c['bad']]
-    cells = [c for c in found if c['runs']]
-    if not cells:
-        raise AnalysisError(f"no usable trials under {root!r} (looked for <cell>/ffn/<activation>/trial_<k>.json)")
+def _check_cells(cells, baseline):
+    """Every cell differs only in the swept fields; (baseline, activations with it first)."""
     base_cfg = {k: v for k, v in cells[0]['config'].items() if k not in FFN_SWEPT}
     for c in cells:
         for r in c['runs'].values():
@@ -84,73 +76,72 @@ def build_ffn_summary(root, load_study, build_summary, baseline=None):
     if baseline is not None and baseline not in acts:
         raise AnalysisError(f"baseline {baseline!r} is not an activation of this study; valid: {', '.join(acts)}")
     base = baseline or ('relu' if 'relu' in acts else acts[0])
-    acts = [base] + [a for a in acts if a != base]
-    by = {(c['config']['hidden'], c['config']['batch_size'], c['config']['learning_rate']): c
-          for c in found if c['config']}  # with the cells whose every run failed
-    widths, batches, lrs = (sorted({key[i] for key in by}) for i in range(3))
-    seeds = sorted({k for c in cells for _, k in c['runs']})
-    failed = {(f.get('activation'), f.get('trial'), c['name']): f.get('error') for c in found for f in c['failures']}
-    out_widths = []
-    for c in cells:
-        warnings += [f"{c['name']}: {w}" for w in c['summary']['warnings']]
-    for w in widths:
-        grid = [(b, lr) for b in batches for lr in lrs]
-        val = np.full((len(acts), len(grid), len(seeds)), np.nan)
-        test = np.full_like(val, np.nan)
-        params, missing = {}, []
-        for j, key in enumerate(grid):
-            cell = by.get((w, *key))
-            if cell is None:
-                missing.append(f"cell h{w} batch {key[0]} lr {key[1]:g} (all {len(acts) * len(seeds)} runs)")
-                continue
-            for i, a in enumerate(acts):
-                for s, k in enumerate(seeds):
-                    r = cell['runs'].get((a, k))
-                    if r is None:
-                        err = failed.get((a, k, cell['name']))
-                        missing.append(f"{cell['name']} {a} trial {k}" + (f" (failed: {err})" if err else ' (no result)'))
-                        continue
-                    m = r['metrics']
-                    val[i, j, s], test[i, j, s] = m['val_accuracy'], m.get('test_accuracy', np.nan)
-                    params.setdefault(a, {'units': m.get('ffn_units'), 'n_params': m.get('n_params')})
-        if missing:
-            warnings.append(f"width {w}: {len(missing)} run(s) missing, counted as draws that are never selected: "
-                            + '; '.join(missing[:5]) + (' ...' if len(missing) > 5 else ''))
-        if np.isnan(test[~np.isnan(val)]).any():
-            raise AnalysisError(f"width {w}: a trial without test_accuracy (not a classification trial?)")
-        boot = metrics.best_of_k_bootstrap(val, test, FFN_CURVE_KS)
-        curves = {a: {split: boot[split][i].tolist() for split in ('val', 'test')}
-                  | {f'{split}_ci': [_interval(boot[f'{split}_boot'][i][:, q]) for q in range(len(FFN_CURVE_KS))]
-                     for split in ('val', 'test')} for i, a in enumerate(acts)}
-        comparisons = {a: {f'{split}_diff': (boot[split][i] - boot[split][0]).tolist()
-                           for split in ('val', 'test')}
-                       | {f'{split}_diff_ci': [_interval(boot[f'{split}_boot'][i][:, q] - boot[f'{split}_boot'][0][:, q])
-                                               for q in range(len(FFN_CURVE_KS))] for split in ('val', 'test')}
-                       for i, a in enumerate(acts) if i}
-        # PD between seeds at one configuration shared by all activations: the cell best on
-        # validation accuracy averaged over every activation and seed (chosen for neither model)
-        means = np.array([np.nanmean(val[:, j]) if np.isfinite(val[:, j]).any() else -np.inf for j in range(len(grid))])
-        shared = by.get((w, *grid[int(np.argmax(means))]))
-        if shared is None or shared['summary'] is None:
-            raise AnalysisError(f"width {w}: no finished run in any cell")
-        pd = {'cell': shared['name'], 'batch_size': shared['config']['batch_size'],
-              'learning_rate': shared['config']['learning_rate'], 'activations': {}, 'comparisons': {}}
-        for r in shared['summary']['results']:
-            p = r['pairwise'] or {}
-            pd['activations'][r['activation']] = {
-                'n_trials': r['n_trials'], 'relative_pd': (p.get('relative_pd') or {}).get('mean'),
-                'ci': (p.get('relative_pd') or {}).get('ci'), 'top1_disagreement': (p.get('top1_disagreement') or {}).get('mean')}
-        for cmp in shared['summary']['comparisons']:  # the cell's dispersion and prediction-shift tests
-            disp, shift = cmp['dispersion'] or {}, cmp['prediction_shift'] or {}
-            pd['comparisons'][cmp['activation']] = {
-                'difference': cmp['difference'], 'ci': disp.get('ci'), 'p_value': disp.get('p_value'),
-                'p_value_holm': None, 'min_p_value': disp.get('min_p_value'),
-                'prediction_shift_p_value': shift.get('p_value'), 'note': cmp['note'] or cmp['error']}
-        out_widths.append({'width': w, 'params': params, 'curves': curves, 'comparisons': comparisons, 'pd': pd,
-                           'n_runs': int(np.isfinite(val).sum()), 'n_grid_runs': int(val.size)})
-    # Holm over every width and activation's dispersion test (the cells' own Holm saw one width)
-    metrics.holm_in_place([c for r in out_widths for c in r['pd']['comparisons'].values()])
-    cell_rows = []
+    return base_cfg, base, [base] + [a for a in acts if a != base]
+
+
+def _width_runs(w, grid, by, acts, seeds, failed):
+    """Validation and test accuracy [activation, (batch, lr), seed] of every run at width w
+    (nan where missing), the parameter count per activation, and the missing runs named."""
+    val = np.full((len(acts), len(grid), len(seeds)), np.nan)
+    test = np.full_like(val, np.nan)
+    params, missing = {}, []
+    for j, key in enumerate(grid):
+        cell = by.get((w, *key))
+        if cell is None:
+            missing.append(f"cell h{w} batch {key[0]} lr {key[1]:g} (all {len(acts) * len(seeds)} runs)")
+            continue
+        for i, a in enumerate(acts):
+            for s, k in enumerate(seeds):
+                r = cell['runs'].get((a, k))
+                if r is None:
+                    err = failed.get((a, k, cell['name']))
+                    missing.append(f"{cell['name']} {a} trial {k}" + (f" (failed: {err})" if err else ' (no result)'))
+                    continue
+                m = r['metrics']
+                val[i, j, s], test[i, j, s] = m['val_accuracy'], m.get('test_accuracy', np.nan)
+                params.setdefault(a, {'units': m.get('ffn_units'), 'n_params': m.get('n_params')})
+    return val, test, params, missing
+
+
+def _best_of_k(val, test, acts):
+    """Best-of-k curves per activation and their differences from the baseline (acts[0]),
+    each with its seed-bootstrap interval."""
+    boot = metrics.best_of_k_bootstrap(val, test, FFN_CURVE_KS)
+    curves = {a: {split: boot[split][i].tolist() for split in ('val', 'test')}
+              | {f'{split}_ci': [_interval(boot[f'{split}_boot'][i][:, q]) for q in range(len(FFN_CURVE_KS))]
+                 for split in ('val', 'test')} for i, a in enumerate(acts)}
+    comparisons = {a: {f'{split}_diff': (boot[split][i] - boot[split][0]).tolist() for split in ('val', 'test')}
+                   | {f'{split}_diff_ci': [_interval(boot[f'{split}_boot'][i][:, q] - boot[f'{split}_boot'][0][:, q])
+                                           for q in range(len(FFN_CURVE_KS))] for split in ('val', 'test')}
+                   for i, a in enumerate(acts) if i}
+    return curves, comparisons
+
+
+def _shared_pd(w, val, grid, by):
+    """PD between seeds at one configuration shared by all activations: the cell best on
+    validation accuracy averaged over every activation and seed (chosen for neither model)."""
+    means = np.array([np.nanmean(val[:, j]) if np.isfinite(val[:, j]).any() else -np.inf for j in range(len(grid))])
+    shared = by.get((w, *grid[int(np.argmax(means))]))
+    if shared is None or shared['summary'] is None:
+        raise AnalysisError(f"width {w}: no finished run in any cell")
+    pd = {'cell': shared['name'], 'batch_size': shared['config']['batch_size'],
+          'learning_rate': shared['config']['learning_rate'], 'activations': {}, 'comparisons': {}}
+    for r in shared['summary']['results']:
+        p = r['pairwise'] or {}
+        pd['activations'][r['activation']] = {
+            'n_trials': r['n_trials'], 'relative_pd': (p.get('relative_pd') or {}).get('mean'),
+            'ci': (p.get('relative_pd') or {}).get('ci'), 'top1_disagreement': (p.get('top1_disagreement') or {}).get('mean')}
+    for cmp in shared['summary']['comparisons']:  # the cell's dispersion and prediction-shift tests
+        disp, shift = cmp['dispersion'] or {}, cmp['prediction_shift'] or {}
+        pd['comparisons'][cmp['activation']] = {
+            'difference': cmp['difference'], 'ci': disp.get('ci'), 'p_value': disp.get('p_value'),
+            'p_value_holm': None, 'min_p_value': disp.get('min_p_value'),
+            'prediction_shift_p_value': shift.get('p_value'), 'note': cmp['note'] or cmp['error']}
+    return pd
+
+
+def _cell_rows(by):
+    rows = []
     for key in sorted(by):
         c, row = by[key], {'cell': by[key]['name'], 'width': key[0], 'batch_size': key[1], 'learning_rate': key[2]}
         for r in (c['summary'] or {}).get('results', []):
@@ -159,32 +150,67 @@ def build_ffn_summary(root, load_study, build_summary, baseline=None):
                 'n_trials': r['n_trials'], 'val_accuracy': r['avg_val_accuracy'],
                 'test_accuracy': float(np.mean([x['metrics']['test_accuracy'] for x in recs])),
                 'relative_pd': r['avg_relative_pd']}
-        cell_rows.append(row)
+        rows.append(row)
+    return rows
+
+
+STATISTICS = {
+    'best_of_k': 'exact expectation over k draws with replacement from all runs of the grid (metrics.expected_best_of_k)',
+    'ci': f"{int(metrics.CONFIDENCE * 100)}% percentile bootstrap over seeds: the same resampled seeds in every cell "
+          f"and for every activation ({metrics.N_RESAMPLES} resamples, seed {metrics.SEED})",
+    'pd_ci': 'leave-one-trial-out jackknife t-interval of the mean over pairs',
+    'pd_difference': 'difference of mean pairwise relative PD, Welch t-interval from the jackknife; p: dispersion test '
+                     '(metrics.dispersion_test), Holm over every width and activation'}
+
+
+def build_ffn_summary(root, load_study, build_summary, baseline=None):
+    """The FFN study's summary dict from the cell folders under root (nothing written);
+    load_study and build_summary: analyze_results', the analysis of one study (a cell)."""
+    found = [_ffn_cell(d, baseline or 'relu', load_study, build_summary)
+             for d in sorted(glob.glob(os.path.join(root, '*', '')))
+             if glob.glob(os.path.join(d, '*', '*', 'trial_*.json')) or os.path.exists(os.path.join(d, 'failures.jsonl'))]
+    warnings = [f"{c['name']}: skipped {b['path']}: {b['reason']}" for c in found if not c['runs'] for b in c['bad']]
+    cells = [c for c in found if c['runs']]
+    if not cells:
+        raise AnalysisError(f"no usable trials under {root!r} (looked for <cell>/ffn/<activation>/trial_<k>.json)")
+    base_cfg, base, acts = _check_cells(cells, baseline)
+    by = {(c['config']['hidden'], c['config']['batch_size'], c['config']['learning_rate']): c
+          for c in found if c['config']}  # with the cells whose every run failed
+    widths, batches, lrs = (sorted({key[i] for key in by}) for i in range(3))
+    seeds = sorted({k for c in cells for _, k in c['runs']})
+    failed = {(f.get('activation'), f.get('trial'), c['name']): f.get('error') for c in found for f in c['failures']}
+    warnings += [f"{c['name']}: {w}" for c in cells for w in c['summary']['warnings']]
+    out_widths, grid = [], [(b, lr) for b in batches for lr in lrs]
+    for w in widths:
+        val, test, params, missing = _width_runs(w, grid, by, acts, seeds, failed)
+        if missing:
+            warnings.append(f"width {w}: {len(missing)} run(s) missing, counted as draws that are never selected: "
+                            + '; '.join(missing[:5]) + (' ...' if len(missing) > 5 else ''))
+        if np.isnan(test[~np.isnan(val)]).any():
+            raise AnalysisError(f"width {w}: a trial without test_accuracy (not a classification trial?)")
+        curves, comparisons = _best_of_k(val, test, acts)
+        out_widths.append({'width': w, 'params': params, 'curves': curves, 'comparisons': comparisons,
+                           'pd': _shared_pd(w, val, grid, by),
+                           'n_runs': int(np.isfinite(val).sum()), 'n_grid_runs': int(val.size)})
+    # Holm over every width and activation's dispersion test (the cells' own Holm saw one width)
+    metrics.holm_in_place([c for r in out_widths for c in r['pd']['comparisons'].values()])
     recs = [r for c in cells for r in c['runs'].values()]
+    prov = [r.get('provenance') or {} for r in recs]
     return {
         'schema_version': SCHEMA_VERSION, 'kind': FFN_KIND,
         'study': os.path.dirname(recs[0].get('study') or '') or os.path.basename(os.path.normpath(root)),
         'task': base_cfg.get('dataset'), 'gated_width': base_cfg.get('gated_width', 'same'), 'config': base_cfg,
         'activations': acts, 'baseline': base, 'widths': widths, 'batch_sizes': batches, 'learning_rates': lrs,
         'seeds': seeds, 'ks': list(FFN_TABLE_KS), 'curve_ks': list(FFN_CURVE_KS), 'vary': recs[0].get('vary'),
-        'statistics': {'best_of_k': 'exact expectation over k draws with replacement from all runs of the grid '
-                                    '(metrics.expected_best_of_k)',
-                       'ci': f"{int(metrics.CONFIDENCE * 100)}% percentile bootstrap over seeds: the same resampled "
-                             f"seeds in every cell and for every activation ({metrics.N_RESAMPLES} resamples, seed "
-                             f"{metrics.SEED})",
-                       'pd_ci': 'leave-one-trial-out jackknife t-interval of the mean over pairs',
-                       'pd_difference': 'difference of mean pairwise relative PD, Welch t-interval from the jackknife; '
-                                        'p: dispersion test (metrics.dispersion_test), Holm over every width and '
-                                        'activation'},
-        'results': out_widths, 'cells': cell_rows, 'warnings': warnings,
+        'statistics': STATISTICS, 'results': out_widths, 'cells': _cell_rows(by), 'warnings': warnings,
         'failures': [f | {'cell': c['name']} for c in found for f in c['failures']],
         'timing': {'n_trials': len(recs), 'trial_seconds': float(sum(r['metrics']['total_time'] for r in recs)),
-                   'threads': sorted({str((r.get('provenance') or {}).get('threads')) for r in recs}),
-                   'devices': sorted({str((r.get('provenance') or {}).get('device_name')) for r in recs})},
+                   'threads': sorted({str(p.get('threads')) for p in prov}),
+                   'devices': sorted({str(p.get('device_name')) for p in prov})},
         'provenance': {'n_trials': len(recs), 'cells': [c['name'] for c in cells],
                        'files': [f for c in cells for f in c['summary']['provenance']['files']],
-                       'git_commits': sorted({str((r.get('provenance') or {}).get('git_commit')) for r in recs}),
-                       'torch_versions': sorted({str((r.get('provenance') or {}).get('torch_version')) for r in recs})},
+                       'git_commits': sorted({str(p.get('git_commit')) for p in prov}),
+                       'torch_versions': sorted({str(p.get('torch_version')) for p in prov})},
     }
 
 
