@@ -5,6 +5,7 @@ command-line flags (one per field, same name) shared by train.py and run_all_exp
 No torch.
 """
 import argparse
+import difflib
 from dataclasses import asdict, dataclass, field, fields, replace
 
 
@@ -206,21 +207,39 @@ def _bool(s):
 
 
 class Parser(argparse.ArgumentParser):
-    """ArgumentParser whose errors are one line and list the valid flags for a typo.
-    Abbreviations are off: --max_iter must not silently mean --max_iters."""
+    """ArgumentParser whose errors are one line and, for a mistyped flag, suggest the closest
+    valid one (else list them all). Abbreviations are off: --max_iter must not silently mean
+    --max_iters."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault('allow_abbrev', False)
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        if message.startswith('unrecognized arguments'):
-            flags = sorted(o for a in self._actions for o in a.option_strings if o.startswith('--'))
-            message += f" (valid flags: {' '.join(flags)})"
+        if message.startswith('unrecognized arguments: '):
+            message += self._flag_hint(message.split(': ', 1)[1].split())
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+    def _flag_hint(self, words):
+        """'; did you mean --max_iters?' for the unknown flags among words, or the list of
+        valid flags when none is close to any of them."""
+        every = [o for a in self._actions for o in a.option_strings if o.startswith('--')]
+        unknown = [w.split('=', 1)[0] for w in words if w.startswith('--')]
+        close = {w: difflib.get_close_matches(w, every, n=1, cutoff=0.75) for w in unknown}
+        pairs = [(w, m[0]) for w, m in close.items() if m]
+        if not pairs:  # nothing close: the list, in the spellings --help shows
+            shown = sorted(o for a in self._actions if a.help != argparse.SUPPRESS
+                           for o in a.option_strings if o.startswith('--'))
+            return f" (valid flags: {' '.join(shown)})"
+        if len(pairs) == 1 and len(unknown) == 1:
+            return f"; did you mean {pairs[0][1]}?"
+        rest = '' if len(pairs) == len(unknown) else ' (--help lists every flag)'
+        return f"; did you mean {', '.join(f'{m} for {w}' for w, m in pairs)}?{rest}"
 
-FLAG_ALIASES = {'gated_width': ('--gated-width',)}  # the FFN study's flag, as the original spelled it
+
+def flag_spellings(name):
+    """The flags of Config field `name`: --max_iters, and --max-iters with dashes."""
+    return [f'--{name}'] + ([f"--{name.replace('_', '-')}"] if '_' in name else [])
 
 
 def preset_defaults(name):
@@ -235,13 +254,17 @@ def add_config_args(parser, only=None):
     `only`: just these fields (a tool that uses a few of them)."""
     parser.add_argument('--config', default=None, help="preset: " + ", ".join(preset_names()) + " (default: cpu)")
     group = parser.add_argument_group('config overrides (each defaults to the preset\'s value: the '
-                                      'cpu preset\'s, and the other presets\' where they differ)')
+                                      'cpu preset\'s, and the other presets\' where they differ; '
+                                      'each may also be spelled with dashes: --max-iters)')
     for f in fields(Config):
         if only is not None and f.name not in only:
             continue
         kind = _bool if f.type is bool else f.type  # int('1e3') fails: a clear type error
-        group.add_argument(f'--{f.name}', *FLAG_ALIASES.get(f.name, ()), dest=f.name, type=kind, default=None,
-                           metavar=f.type.__name__.upper(), help=f"{f.metadata['help']} ({preset_defaults(f.name)})")
+        flag, *dashed = flag_spellings(f.name)
+        group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.type.__name__.upper(),
+                           help=f"{f.metadata['help']} ({preset_defaults(f.name)})")
+        for alias in dashed:  # the same destination, left out of --help so it lists each field once
+            group.add_argument(alias, dest=f.name, type=kind, default=None, help=argparse.SUPPRESS)
 
 
 def config_from_args(args):

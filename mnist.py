@@ -21,7 +21,8 @@ ClassificationTask (the Task interface of prepare_data.py, kind 'classification'
   on. The reproducibility evaluation set -- whose softmax every trial saves -- is the whole
   validation split, so a trial's val_accuracy is its validation accuracy; config_updates()
   therefore sets n_eval to the split's size (with vocab_size = 10 classes, n_inputs, and,
-  when config.epochs > 0, max_iters = epochs x batches per epoch). Training batches are
+  when config.epochs > 0, max_iters = epochs x batches per epoch); an n_eval that is neither
+  Config's default nor that size is refused rather than ignored. Training batches are
   epochs: a fresh permutation of the training split from the trial's data generator per
   epoch (the last batch of an epoch may be smaller). The test set is held out: it is only
   evaluated once, after training, by the task's trial_metrics() hook (test_accuracy,
@@ -42,7 +43,10 @@ import torch
 import torch.nn.functional as F
 from mnist1d.data import get_dataset_args, make_dataset
 
+from config import Config
 from fileio import DataError, atomic_write, data_dir, fetch_verified
+
+N_EVAL_DEFAULT = Config.n_eval  # n_eval left at this means "the whole validation split" here
 
 # ----------------------------------------------------------------------------- constants
 
@@ -241,6 +245,10 @@ class ClassificationTask:
         if config.n_inputs and config.n_inputs != self.n_inputs:
             raise ValueError(f"n_inputs {config.n_inputs} does not match {config.dataset}'s "
                              f"{self.n_inputs} input features (leave n_inputs at 0)")
+        if config.n_eval not in (len(self.eval_y), N_EVAL_DEFAULT):  # the default: "the whole split"
+            raise DataError(f"n_eval {config.n_eval}: on {config.dataset} the evaluation set is the whole "
+                            f"validation split, {len(self.eval_y)} examples; leave --n_eval at its default "
+                            f"({N_EVAL_DEFAULT}) or set it to {len(self.eval_y)}")
         self._epochs, self._batch, self._accum = config.epochs, config.batch_size, config.grad_accum_steps
         h = hashlib.sha256(f'classification:{config.dataset}:{s["digest"]}:'.encode())
         h.update(self.eval_indices.tobytes())

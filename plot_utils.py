@@ -17,6 +17,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.transforms import offset_copy
 from scipy.special import erf
 
 from activation_names import GATE_OF, base_activation, canonical_activation, smelu_beta
@@ -110,7 +111,10 @@ def _metric(r, name):
 
 def training_curves(results, colors, model):
     """Train and val loss against iteration: mean over trials with a min-max band, one colour
-    per activation. Only iterations every trial of the group logged are drawn."""
+    per activation. Only iterations every trial of the group logged are drawn. None when no
+    trial logged a history."""
+    if not any(t.get('history') and t['history'].get('iter') for r in results for t in r['trials']):
+        return None
     fig = Figure(figsize=(11, 4))
     axes = [fig.add_subplot(1, 2, k + 1) for k in range(2)]
     for r in results:
@@ -133,19 +137,28 @@ def training_curves(results, colors, model):
     return fig
 
 
+def _no_pairs(r):
+    n = r.get('n_trials')
+    return 'no pairs' + ('' if n is None else f" ({n} trial{'' if n == 1 else 's'})")
+
+
 def metric_bars(summary, colors, metric, ylabel):
     """Per model, one bar per activation (mean over pairs) with its 95% interval over trials
     drawn as a line; groups whose interval is withheld (too few trials) get no line and a
-    label saying so."""
-    models = _by_model(summary)
+    label saying so. Models without a single pair of trials get no panel; None when no model
+    has one (one trial per group: nothing to compare)."""
+    models = {m: rs for m, rs in _by_model(summary).items() if any(_metric(r, metric)[0] is not None for r in rs)}
+    if not models:
+        return None
     fig, axes = _grid(len(models))
     for ax, (model, results) in zip(axes, models.items()):
         names = [r['activation'] for r in results]
         x = np.arange(len(results))
         for k, r in enumerate(results):
             mean, ci = _metric(r, metric)
-            if mean is None:
-                ax.text(k, 0, 'no pairs', ha='center', va='bottom', fontsize=7, rotation=90)
+            if mean is None:  # inside the axes whatever their scale: x in data, y in axes units
+                ax.text(k, 0.02, _no_pairs(r), ha='center', va='bottom', fontsize=7, rotation=90,
+                        transform=ax.get_xaxis_transform())
                 continue
             ax.bar(k, mean, color=colors[r['activation']])
             if ci:
@@ -155,6 +168,7 @@ def metric_bars(summary, colors, metric, ylabel):
                 ax.text(k, mean, f"no CI\n({r.get('n_trials')} trials)", ha='center', va='bottom', fontsize=6)
         ax.set_xticks(x)
         ax.set_xticklabels(names, rotation=45, ha='right', fontsize=8)
+        ax.set_xlim(-0.6, len(results) - 0.4)  # every group's slot, bar or not
         ax.set_title(model, fontsize=10)
         ax.set_ylabel(ylabel, fontsize=8)
     fig.suptitle(f'{ylabel} between trials (bars: mean over pairs; lines: 95% jackknife CI over trials, '
@@ -164,7 +178,7 @@ def metric_bars(summary, colors, metric, ylabel):
 
 def accuracy_vs_pd(summary, colors):
     """Mean val accuracy against mean relative PD, one point per model x activation
-    (colour: activation, marker: model)."""
+    (colour: activation, marker: model); None when no group has both."""
     fig = Figure(figsize=(7.5, 5.5))
     ax = fig.add_subplot(1, 1, 1)
     markers = 'osD^v<>pPhX*'
@@ -190,11 +204,18 @@ def accuracy_vs_pd(summary, colors):
     ax.set_ylabel('mean val accuracy')
     note = f' ({left_out} without PD not shown)' if left_out else ''
     ax.set_title('accuracy vs reproducibility, per model x activation' + note, fontsize=10)
-    return fig
+    return fig if left_out < len(summary['results']) else None
+
+
+def sig(v, digits=2):
+    """v with `digits` significant digits, trailing zeros kept, so that the cells of one
+    plot read alike: 0.28, 0.053, 0.0059, 1.0e-5."""
+    return f'{v:#.{digits}g}'.replace('e-0', 'e-')
 
 
 def pd_heatmap(summary):
-    """Model x activation matrix of mean relative PD; blank where a cell has no value."""
+    """Model x activation matrix of mean relative PD, each cell labelled with two significant
+    digits; grey where a group has no value. Sized by its cells; None when no cell has a value."""
     models = list(_by_model(summary))
     acts = sorted({r['activation'] for r in summary['results']})
     grid = np.full((len(models), len(acts)), np.nan)
@@ -202,26 +223,38 @@ def pd_heatmap(summary):
         pd, _ = _metric(r, 'relative_pd')
         if pd is not None:
             grid[models.index(r['model_name']), acts.index(r['activation'])] = pd
-    fig = Figure(figsize=(1.0 + 0.8 * len(acts), 1.2 + 0.55 * len(models)))
+    if np.isnan(grid).all():
+        return None
+    # ~0.9 in per column and 0.55 in per row, with room for the labels, the colour bar and
+    # the study's title (wide enough that it wraps to a line or two, not five)
+    fig = Figure(figsize=(max(6.0, 2.5 + 0.9 * len(acts)), max(3.0, 1.6 + 0.55 * len(models))))
     ax = fig.add_subplot(1, 1, 1)
     cmap = colormaps['viridis'].with_extremes(bad='lightgrey')
     im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect='auto')
+    mid = np.nanmean(grid)
     for (i, j), v in np.ndenumerate(grid):
-        ax.text(j, i, '—' if np.isnan(v) else f'{v:.3g}', ha='center', va='center', fontsize=7,
-                color='black' if np.isnan(v) or v > np.nanmean(grid) else 'white')
+        ax.text(j, i, '—' if np.isnan(v) else sig(v), ha='center', va='center', fontsize=8,
+                color='black' if np.isnan(v) or v > mid else 'white')
     ax.set_xticks(range(len(acts)))
-    ax.set_xticklabels(acts, rotation=45, ha='right', fontsize=8)
+    ax.set_xticklabels(acts, rotation=45 if len(acts) > 4 else 0, ha='right' if len(acts) > 4 else 'center',
+                       fontsize=8)
     ax.set_yticks(range(len(models)))
     ax.set_yticklabels(models, fontsize=8)
-    fig.colorbar(im, ax=ax, label='mean relative PD')
-    ax.set_title('relative PD between trials (grey: no value)', fontsize=10)
+    bar = fig.colorbar(im, ax=ax)
+    bar.set_label('mean relative PD', fontsize=8)
+    bar.ax.tick_params(labelsize=8)
+    ax.set_title('mean relative PD between trials' + (' (grey: no pairs)' if np.isnan(grid).any() else ''),
+                 fontsize=10)
     return fig
 
 
 def routing_agreement(summary, colors):
     """Mixture-of-experts groups: routing agreement between trials (bars, 95% CI lines, chance
-    level as a dashed tick) and, beside it, routing agreement against relative PD per group."""
-    rows = [r for r in summary['results'] if r.get('routing_agreement')]
+    level as a dashed tick) and, beside it, routing agreement against relative PD per group.
+    None when no group has a routing agreement (no mixture of experts, or no pairs)."""
+    rows = [r for r in summary['results'] if (r.get('routing_agreement') or {}).get('mean') is not None]
+    if not rows:
+        return None
     fig = Figure(figsize=(12, 4.5))
     ax, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for k, r in enumerate(rows):
@@ -251,7 +284,8 @@ def routing_agreement(summary, colors):
 
 def activation_functions(names):
     """Each activation and its derivative on [-3, 3]; gated ones show their gate function.
-    Names without a numpy formula are listed in the title rather than guessed."""
+    Names without a numpy formula are listed in the title rather than guessed; None when
+    no name has one."""
     x = np.linspace(-3, 3, 601)
     fig = Figure(figsize=(11, 4.2))
     ax_f, ax_d = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -270,6 +304,8 @@ def activation_functions(names):
         style = '--' if name in GATE_OF else '-'
         ax_f.plot(x, f(x), style, color=colors[name], label=label)
         ax_d.plot(x, df(x), style, color=colors[name], label=label)
+    if not seen:
+        return None
     ax_f.set_title('activation f(x)', fontsize=10)
     ax_d.set_title("derivative f'(x)", fontsize=10)
     for ax in (ax_f, ax_d):
@@ -312,21 +348,32 @@ def study_title(summary):
 
 
 def _stamp(fig, title):
-    """The study's title above everything else of a figure (its own suptitle included),
-    wrapped so that a long list of overrides does not widen the plot."""
+    """The study's title above everything else of a figure (its own suptitle included): the
+    study in 9 points, its overrides below in 7.5, wrapped to the figure's width so that a long
+    list of overrides neither widens the plot nor buries it."""
+    head, _, rest = title.partition(' (overrides: ')
     top = 0.995 if fig.get_suptitle() else 0.96  # a suptitle hangs from 0.98; axes titles end below
-    width = max(40, int(fig.get_figwidth() * 14))  # characters of 9-point text per line
-    fig.text(0.5, top, textwrap.fill(title, width), ha='center', va='bottom', fontsize=9)
+    lift = 0
+    if rest:
+        width = max(40, int(fig.get_figwidth() * 17))  # characters of 7.5-point text per line
+        note = textwrap.fill('overrides: ' + rest[:-1], width)
+        fig.text(0.5, top, note, ha='center', va='bottom', fontsize=7.5, color='dimgrey')
+        lift = 7.5 * 1.25 * (note.count('\n') + 1) + 2  # its height in points
+    fig.text(0.5, top, head, ha='center', va='bottom', fontsize=9,
+             transform=offset_copy(fig.transFigure, fig=fig, y=lift, units='points'))
 
 
-def figures(summary):
+def figures(summary, keep_omitted=False):
     """Every plot of a study as {file name: Figure}, nothing written yet; each is titled
-    with the study (study_title)."""
+    with the study (study_title). A plot with nothing to show (no pairs of trials: one trial
+    per group) is left out, or with keep_omitted kept as None, for save_figures to remove
+    an earlier analysis' copy."""
     figs = _figures(summary)
     title = study_title(summary)
     for fig in figs.values():
-        _stamp(fig, title)
-    return figs
+        if fig is not None:
+            _stamp(fig, title)
+    return figs if keep_omitted else {name: fig for name, fig in figs.items() if fig is not None}
 
 
 def _figures(summary):
@@ -339,28 +386,36 @@ def _figures(summary):
     figs['accuracy_vs_relative_pd.png'] = accuracy_vs_pd(summary, colors)
     figs['relative_pd_heatmap.png'] = pd_heatmap(summary)
     figs['activation_functions.png'] = activation_functions([r['activation'] for r in summary['results']])
-    if any(r.get('routing_agreement') for r in summary['results']):
-        figs['routing_agreement.png'] = routing_agreement(summary, colors)
+    figs['routing_agreement.png'] = routing_agreement(summary, colors)
     return figs
 
 
 def save_figures(figs, plots_dir):
+    """Write each Figure of {file name: Figure} into plots_dir; a None (a plot with nothing
+    to show) removes that file, if there, so that no plot of an earlier analysis is taken
+    for this one. Returns the paths written."""
     paths = []
     for name, fig in figs.items():
-        paths.append(os.path.join(plots_dir, name))
-        save_figure(fig, paths[-1])
+        path = os.path.join(plots_dir, name)
+        if fig is None:
+            if os.path.isfile(path):
+                os.remove(path)
+            continue
+        save_figure(fig, path)
+        paths.append(path)
     return paths
 
 
 def make_plots(summary, plots_dir):
-    """Every plot of a study into plots_dir (all built before the first is written);
-    returns the paths written."""
-    return save_figures(figures(summary), plots_dir)
+    """Every plot of a study into plots_dir (all built before the first is written; those
+    with nothing to show are not drawn); returns the paths written."""
+    return save_figures(figures(summary, keep_omitted=True), plots_dir)
 
 
-def comparison_plot(rows, label_a, label_b):
+def comparison_plot(rows, label_a, label_b, warning=None):
     """Side-by-side bars of relative PD, val loss and val accuracy of two studies, per
-    model x activation (rows as in analyze_results.compare)."""
+    model x activation (rows as in analyze_results.compare), the legend outside the bars.
+    `warning` (e.g. that the two studies are not like for like) is written above the plots."""
     keys = [('relative_pd', 'mean relative PD'), ('val_loss', 'mean val loss'), ('val_accuracy', 'mean val accuracy')]
     labels = [f"{r['model']}/{r['activation']}" for r in rows]
     x = np.arange(len(rows))
@@ -373,7 +428,12 @@ def comparison_plot(rows, label_a, label_b):
         ax.set_title(title, fontsize=10)
         ax.set_xticks(x)
         ax.set_xticklabels(labels if k == 2 else [], rotation=60, ha='right', fontsize=7)
-        ax.legend(fontsize=7)
+        if k == 0:  # one legend, right of the top plot: never over a bar
+            ax.legend(title='study', fontsize=8, title_fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0))
+    if warning:
+        width = max(60, int(fig.get_figwidth() * 14))
+        fig.suptitle(textwrap.fill(f"warning: {warning}", width), fontsize=9, color='firebrick',
+                     ha='center', va='bottom', y=0.92)  # above the top plot's title
     return fig
 
 

@@ -48,7 +48,9 @@ class CharCorpus:
         try:
             with open(path, 'rb') as f:
                 raw = f.read()
-            text = raw.decode('utf-8')
+            # a byte-order mark is an encoding marker, not a character of the text: utf-8-sig
+            # drops one at the start (and only there) so it never enters the vocabulary
+            text = raw.decode('utf-8-sig')
         except FileNotFoundError:
             raise DataError(f"text file not found: {path}") from None
         except UnicodeDecodeError as e:
@@ -88,10 +90,23 @@ def corpus_path(dataset, directory=None):
                     f"or the path of an existing UTF-8 text file")
 
 
+def eval_starts(n_chars, block_size, n_eval, seed, where='the validation split'):
+    """n_eval distinct window starts (int64, in draw order) among the n_chars - block_size
+    starts whose window of block_size + 1 characters fits, drawn without replacement by `seed`
+    alone. Raises DataError when there are fewer than n_eval of them."""
+    n_windows = n_chars - block_size
+    if n_eval > n_windows:
+        raise DataError(f"n_eval {n_eval} is more than the {n_windows:,} distinct evaluation windows of "
+                        f"block_size {block_size} in {where} ({n_chars:,} characters); lower --n_eval "
+                        f"to at most {n_windows} (or use a longer text or a smaller --block_size)")
+    # numpy's choice without replacement samples a few of many starts without a full permutation
+    return np.random.default_rng(seed).choice(n_windows, n_eval, replace=False).astype(np.int64)
+
+
 class CharTask:
     """Next-character prediction on a text corpus. The reproducibility evaluation set is
-    n_eval windows of block_size from the validation split, picked by eval_seed alone,
-    so every trial of a study sees exactly the same inputs."""
+    n_eval distinct windows of block_size from the validation split, picked by eval_seed
+    alone (eval_starts), so every trial of a study sees exactly the same inputs."""
     kind = 'lm'
 
     def __init__(self, config, directory=None):
@@ -105,10 +120,9 @@ class CharTask:
         if config.vocab_size and config.vocab_size != self.n_classes:
             raise ValueError(f"vocab_size {config.vocab_size} does not match the data's "
                              f"{self.n_classes} characters (leave vocab_size at 0)")
-        g = torch.Generator().manual_seed(config.eval_seed)
-        starts = torch.randint(len(self.corpus.val) - T - 1, (config.n_eval,), generator=g)
-        self.eval_indices = starts.numpy().astype(np.int64)
-        self.eval_x, self.eval_y = self._windows(self.corpus.val, starts)
+        self.eval_indices = eval_starts(len(self.corpus.val), T, config.n_eval, config.eval_seed,
+                                        where=f"the validation split of {self.corpus.path}")
+        self.eval_x, self.eval_y = self._windows(self.corpus.val, torch.from_numpy(self.eval_indices))
         h = hashlib.sha256(f'lm:{self.corpus.sha256}:{T}:'.encode())
         h.update(self.eval_indices.tobytes())
         self.eval_hash = h.hexdigest()
@@ -136,7 +150,9 @@ class CharTask:
         return self._windows(data, self._starts(data, batch_size, generator))
 
     def _starts(self, data, batch_size, generator):
-        return torch.randint(len(data) - self.block_size - 1, (batch_size,), generator=generator)
+        # a window of block_size + 1 characters (inputs and their targets) fits at starts
+        # 0 .. len - block_size - 1 inclusive: len - block_size of them
+        return torch.randint(len(data) - self.block_size, (batch_size,), generator=generator)
 
     def tokens_per_batch(self, batch_size):
         return batch_size * self.block_size

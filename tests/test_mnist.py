@@ -198,7 +198,7 @@ def test_model_and_task_kinds_must_match(mnist1d_dir, tiny_corpus, tmp_path):
         train.run_trial('minigpt', 'gelu', 0, get_config('mnist_ffn'), None,
                         RunOptions(str(tmp_path), data_dir=mnist1d_dir, progress=False))
     with pytest.raises(ValueError, match="model 'ffn' trains on classification data"):
-        train.run_trial('ffn', 'relu', 0, get_config('cpu', dataset=tiny_corpus), None,
+        train.run_trial('ffn', 'relu', 0, get_config('cpu', dataset=tiny_corpus, n_eval=24), None,
                         RunOptions(str(tmp_path), progress=False))
     assert not list(tmp_path.rglob('*.json'))
 

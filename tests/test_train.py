@@ -69,7 +69,7 @@ def test_overrides_and_bad_values():
 
 @pytest.mark.parametrize('args,needle', [
     (['--max_iters', 'ten'], "invalid int value: 'ten'"),
-    (['--max_iter', '3'], 'unrecognized arguments: --max_iter 3 (valid flags:'),
+    (['--max_iter', '3'], 'unrecognized arguments: --max_iter 3; did you mean --max_iters?'),
     (['--config', 'huge'], "unknown config 'huge'"),
     (['--n_embd', '30'], 'divisible'),
     (['--vary', 'seeds'], "invalid choice: 'seeds'"),
