@@ -8,7 +8,12 @@ from scipy import stats
 
 import metrics
 from metrics import (PAIR_METRICS, EvalMismatch, js_divergence, l2_distance, prediction_differences,
-                     relative_pd, relative_pd_elementwise, top1_disagreement, total_variation)
+                     relative_pd, relative_pd_elementwise, top1_disagreement)
+
+
+def total_variation(p1, p2):
+    """Mean over rows of 0.5 * sum_c |p1 - p2|: the reference relative_pd must equal."""
+    return 0.5 * np.abs(np.asarray(p1) - np.asarray(p2)).sum(-1).mean(-1)
 
 
 def dirichlet(shape, seed=0):
@@ -154,9 +159,15 @@ def test_jackknife_pseudo_values_and_interval():
     np.testing.assert_allclose(psi, 6 * u - 5 * loo, rtol=1e-12)
     assert psi.mean() == pytest.approx(u, rel=1e-12)
     se = np.sqrt(5 / 6 * ((loo - loo.mean()) ** 2).sum())          # the textbook jackknife
-    r = metrics.pairwise_interval(d)
+    r = metrics.pairwise_interval(d, scale='linear')
     assert r['mean'] == pytest.approx(u, rel=1e-12) and r['ci_note'] is None and '5 df' in r['ci_method']
     assert r['ci'] == pytest.approx([u - stats.t.ppf(0.975, 5) * se, u + stats.t.ppf(0.975, 5) * se], rel=1e-10)
+    # the log scale: the same jackknife on log U, transformed back
+    lse = np.sqrt(5 / 6 * ((np.log(loo) - np.log(loo).mean()) ** 2).sum())
+    r = metrics.pairwise_interval(d)
+    h = stats.t.ppf(0.975, 5) * lse
+    assert r['ci'] == pytest.approx([u * np.exp(-h), u * np.exp(h)], rel=1e-10) and 'log scale' in r['ci_method']
+    assert r['ci_reliable'] and r['outliers'] == [] and len(r['outlyingness']) == 6
     # additive spreads: each pseudo-value is exactly the trial's own part, 2 s_i
     s = np.array([0.1, 0.3, 0.2, 0.5])
     d2 = s[:, None] + s[None]
@@ -208,7 +219,10 @@ def test_dispersion_test_on_known_spreads():
     assert df == pytest.approx(6)
     assert res['ci'] == pytest.approx([res['difference'] - stats.t.ppf(0.975, 6) * se,
                                        res['difference'] + stats.t.ppf(0.975, 6) * se])
-    assert res['min_detectable_difference'] == pytest.approx((stats.t.ppf(0.975, 6) + stats.t.ppf(0.8, 6)) * se)
+    # the minimum detectable difference: the simulated shift (in pooled SDs of the pseudo-values) times their SD
+    sd = np.std(2 * sa, ddof=1)
+    assert res['min_detectable_difference'] == pytest.approx(metrics.detectable_shift(4, 4, metrics.ALPHA) * sd)
+    assert 'simulated' in res['min_detectable_difference_method']
     # swapped groups: the mirror image
     back = metrics.dispersion_test(additive(sb), additive(sa))
     assert back['difference'] == pytest.approx(-res['difference']) and back['p_value'] == res['p_value']
