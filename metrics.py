@@ -316,7 +316,7 @@ def trial_diagnostics(d, names=None, ratio=OUTLIER_RATIO):
     return out
 
 
-def pairwise_interval(d, confidence=CONFIDENCE, scale='log', names=None, outlier_ratio=OUTLIER_RATIO):
+def pairwise_interval(d, confidence=CONFIDENCE, scale='linear', names=None, outlier_ratio=OUTLIER_RATIO):
     """Mean of a pairwise metric over the distinct pairs of T trials with a leave-one-trial-out
     jackknife t-interval (T - 1 df) on `scale` (PAIR_METRIC_SCALE: 'logit' for metrics in
     [0, 1], 'log' for metrics >= 0, 'linear'), and per-trial diagnostics (trial_diagnostics).
@@ -328,6 +328,8 @@ def pairwise_interval(d, confidence=CONFIDENCE, scale='log', names=None, outlier
     trials. A flagged outlier trial makes the interval unreliable (ci_reliable False, the
     trials named in ci_note): no interval over a handful of trials covers a mean that rare
     outlier seeds move (see undetected_outlier_fraction).
+    The default 'linear' is the former interval, kept so callers change on purpose: pass
+    scale=PAIR_METRIC_SCALE[metric].
     Returns {'mean', 'ci', 'ci_method', 'ci_note', 'ci_scale', 'ci_reliable', 'outliers',
     'outlyingness'}."""
     d = _check_pair_matrix(d)
@@ -498,7 +500,7 @@ def detectable_shift(na, nb, threshold, power=POWER, n_resamples=N_PERMUTATIONS,
         lo, hi = hi, 2 * hi
         if hi > 1e4:
             return None
-    for _ in range(16):
+    for _ in range(12):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
     return hi

@@ -164,7 +164,7 @@ def test_jackknife_pseudo_values_and_interval():
     assert r['ci'] == pytest.approx([u - stats.t.ppf(0.975, 5) * se, u + stats.t.ppf(0.975, 5) * se], rel=1e-10)
     # the log scale: the same jackknife on log U, transformed back
     lse = np.sqrt(5 / 6 * ((np.log(loo) - np.log(loo).mean()) ** 2).sum())
-    r = metrics.pairwise_interval(d)
+    r = metrics.pairwise_interval(d, scale='log')
     h = stats.t.ppf(0.975, 5) * lse
     assert r['ci'] == pytest.approx([u * np.exp(-h), u * np.exp(h)], rel=1e-10) and 'log scale' in r['ci_method']
     assert r['ci_reliable'] and r['outliers'] == [] and len(r['outlyingness']) == 6
@@ -177,6 +177,7 @@ def test_jackknife_pseudo_values_and_interval():
     d3 = np.full((4, 4), 0.3)
     np.fill_diagonal(d3, 0)
     assert metrics.pairwise_interval(d3)['ci'] == pytest.approx([0.3, 0.3])
+    assert metrics.pairwise_interval(d3, scale='logit')['ci'] == pytest.approx([0.3, 0.3])
     r2 = metrics.pairwise_interval(d[:2, :2])
     assert r2['ci'] is None and r2['mean'] == d[0, 1] and 'no interval possible' in r2['ci_note']
     with pytest.raises(ValueError, match='at least 3'):
