@@ -21,7 +21,7 @@ DESIGNS = {
     'seed_full': dict(config='gpu_full', models=ORIGINAL_MODELS, activations=PARTIAL_ACTIVATIONS + ('swiglu',),
                       trials=3, about='the original full study: 6 models x 6 activations x 3 trials, gpu_full preset'),
     # 10 trials per group: enough for the dispersion test to detect a difference after Holm
-    # over its 4 comparisons (3 trials cannot: README, "The analysis"); ~30 min on 2 CPU cores
+    # over its 4 comparisons (3 trials cannot: docs/analysis.md); ~30 min on 2 CPU cores
     'cpu_power': dict(config='cpu', models=('minigpt', 'tinylstm'), activations=('relu', 'gelu', 'smelu_1'),
                       trials=10, about='2 models x relu/gelu/smelu_1 x 10 trials, cpu preset: a CPU study '
                                        'that can reach a verdict'),

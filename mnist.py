@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from mnist1d.data import get_dataset_args, make_dataset
 
-from config import Config
+from config import CLASSIFICATION_DATASETS, Config
 from fileio import DataError, atomic_write, data_dir, fetch_verified
 
 N_EVAL_DEFAULT = Config.n_eval  # n_eval left at this means "the whole validation split" here
@@ -58,7 +58,7 @@ MNIST_FILES = {  # key -> (file name, md5 of the .gz file, shape of the parsed a
     'test_labels': ('t10k-labels-idx1-ubyte.gz', 'ec29112dd5afa0611ce80d1b7f02629c', (10000,)),
 }
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-DATASETS = ('mnist', 'mnist1d')
+DATASETS = CLASSIFICATION_DATASETS  # config.py decides what is a classification task
 INPUT_DIMS = {'mnist': 28 * 28, 'mnist1d': 40}
 VAL_SIZE = {'mnist': 10000, 'mnist1d': 1000}
 N_CLASSES = 10

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from fileio import DATA_DIR_ENV, DataError, fetch_verified
-from mnist import DATASETS as CLASSIFICATION, ClassificationTask  # flat-input classification tasks
+from config import CLASSIFICATION_DATASETS as CLASSIFICATION, task_kind
+from mnist import ClassificationTask  # flat-input classification tasks
 
 SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 SHAKESPEARE_SHA256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
@@ -160,7 +161,7 @@ class CharTask:
 
 def make_task(config, directory=None):
     """The Task for config.dataset: mnist / mnist1d classification (mnist.py), else text."""
-    if config.dataset in CLASSIFICATION:
+    if task_kind(config.dataset) == 'classification':
         return ClassificationTask(config, directory)
     return CharTask(config, directory)
 

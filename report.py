@@ -117,7 +117,7 @@ def statistics_section(s):
            f"Intervals are {st['confidence_level']:.0%} intervals over *trials* (pairs that share a trial are not "
            f"independent): {st['pairwise_ci']} for means over pairs of trials, {st['trial_ci']} for per-trial "
            f"metrics. In simulated studies with a known truth these covered it in at least 90% of studies from "
-           f"{st['min_trials_for_ci']} trials per group on (README, \"The analysis\"); with fewer trials no interval "
+           f"{st['min_trials_for_ci']} trials per group on (docs/analysis.md); with fewer trials no interval "
            f"is given and the range of the pair values is shown instead, labelled as such. "
            f"A {st['confidence_level']:.0%} interval needs at least {st['min_trials_for_ci']} trials per group.", "",
            "Against the baseline, two tests, each Holm-corrected over all comparisons of the study: the "

@@ -6,7 +6,7 @@ time to write one (atomically, fsynced) and to load one, and whole trials with
     python benchmarks/bench_checkpoint.py --config cpu                      # minigpt
     python benchmarks/bench_checkpoint.py --config cpu --models minigpt tinylstm --repeats 2
 
-Prints a table; the figures quoted in the README come from here. On a shared machine the
+Prints a table; the figures quoted in docs/performance.md come from here. On a shared machine the
 whole-trial times carry the noise of everything else running; "saving" is the time the
 trials themselves measured inside checkpoint writes (metrics.checkpoint_time), which does not.
 """

@@ -4,7 +4,7 @@ sweep of 2 models x 2 activations x 3 trials (minigpt, tinylstm x relu, gelu), e
 fresh `python run_all_experiments.py ...` process into an empty results folder, timed all-in
 (interpreter start, imports, data, training, files; no analysis).
 
-    python benchmarks/bench_sweep.py                           # the figures quoted in the README
+    python benchmarks/bench_sweep.py                           # the figures quoted in docs/performance.md
     python benchmarks/bench_sweep.py --workers 1 2 4           # other worker counts
     python benchmarks/bench_sweep.py --max_iters 4 --n_eval 20 --out none   # a smoke test
 

@@ -6,7 +6,7 @@ one real trial (data, model, training with periodic evaluation, predictions, fil
     python benchmarks/bench_train.py --config cpu                 # all models, all-in for minigpt
     python benchmarks/bench_train.py --config cpu --all-in all    # all-in time of every model
 
-Prints a table; the figures quoted in the README come from here.
+Prints a table; the figures quoted in docs/performance.md come from here.
 """
 import os
 import sys

@@ -8,7 +8,12 @@ from scipy import stats
 
 import metrics
 from metrics import (PAIR_METRICS, EvalMismatch, js_divergence, l2_distance, prediction_differences,
-                     relative_pd, relative_pd_elementwise, top1_disagreement, total_variation)
+                     relative_pd, relative_pd_elementwise, top1_disagreement)
+
+
+def total_variation(p1, p2):
+    """Mean over rows of 0.5 * sum_c |p1 - p2|: the reference relative_pd must equal."""
+    return 0.5 * np.abs(np.asarray(p1) - np.asarray(p2)).sum(-1).mean(-1)
 
 
 def dirichlet(shape, seed=0):
@@ -154,9 +159,15 @@ def test_jackknife_pseudo_values_and_interval():
     np.testing.assert_allclose(psi, 6 * u - 5 * loo, rtol=1e-12)
     assert psi.mean() == pytest.approx(u, rel=1e-12)
     se = np.sqrt(5 / 6 * ((loo - loo.mean()) ** 2).sum())          # the textbook jackknife
-    r = metrics.pairwise_interval(d)
+    r = metrics.pairwise_interval(d, scale='linear')
     assert r['mean'] == pytest.approx(u, rel=1e-12) and r['ci_note'] is None and '5 df' in r['ci_method']
     assert r['ci'] == pytest.approx([u - stats.t.ppf(0.975, 5) * se, u + stats.t.ppf(0.975, 5) * se], rel=1e-10)
+    # the log scale: the same jackknife on log U, transformed back
+    lse = np.sqrt(5 / 6 * ((np.log(loo) - np.log(loo).mean()) ** 2).sum())
+    r = metrics.pairwise_interval(d, scale='log')
+    h = stats.t.ppf(0.975, 5) * lse
+    assert r['ci'] == pytest.approx([u * np.exp(-h), u * np.exp(h)], rel=1e-10) and 'log scale' in r['ci_method']
+    assert r['ci_reliable'] and r['outliers'] == [] and len(r['outlyingness']) == 6
     # additive spreads: each pseudo-value is exactly the trial's own part, 2 s_i
     s = np.array([0.1, 0.3, 0.2, 0.5])
     d2 = s[:, None] + s[None]
@@ -166,6 +177,7 @@ def test_jackknife_pseudo_values_and_interval():
     d3 = np.full((4, 4), 0.3)
     np.fill_diagonal(d3, 0)
     assert metrics.pairwise_interval(d3)['ci'] == pytest.approx([0.3, 0.3])
+    assert metrics.pairwise_interval(d3, scale='logit')['ci'] == pytest.approx([0.3, 0.3])
     r2 = metrics.pairwise_interval(d[:2, :2])
     assert r2['ci'] is None and r2['mean'] == d[0, 1] and 'no interval possible' in r2['ci_note']
     with pytest.raises(ValueError, match='at least 3'):
@@ -208,7 +220,11 @@ def test_dispersion_test_on_known_spreads():
     assert df == pytest.approx(6)
     assert res['ci'] == pytest.approx([res['difference'] - stats.t.ppf(0.975, 6) * se,
                                        res['difference'] + stats.t.ppf(0.975, 6) * se])
-    assert res['min_detectable_difference'] == pytest.approx((stats.t.ppf(0.975, 6) + stats.t.ppf(0.8, 6)) * se)
+    # the minimum detectable difference: the simulated relative increase times the baseline's mean
+    cv = float(f"{np.std(2 * sb, ddof=1) / np.mean(2 * sb):.2g}")
+    assert res['min_detectable_difference'] == pytest.approx(metrics.detectable_shift(4, 4, metrics.ALPHA, cv=cv)
+                                                             * 2 * sb.mean())
+    assert 'simulated' in res['min_detectable_difference_method']
     # swapped groups: the mirror image
     back = metrics.dispersion_test(additive(sb), additive(sa))
     assert back['difference'] == pytest.approx(-res['difference']) and back['p_value'] == res['p_value']
@@ -245,3 +261,151 @@ def test_describe():
     s2 = metrics.describe([1.0, 2.0])
     assert s2['ci'] is None and s2['ci_method'] is None and 'no interval possible' in s2['ci_note']
     assert metrics.describe([1.0])['std'] is None
+
+
+def additive(s):
+    d = np.add.outer(np.asarray(s, dtype=float), np.asarray(s, dtype=float))
+    np.fill_diagonal(d, 0)
+    return d
+
+
+def test_dispersion_test_on_equal_pair_values_and_nan():
+    # every pair value equal within each group, groups different: the Welch t is infinite; p is
+    # the smallest attainable (observed split and its mirror), never 0
+    da, db = np.full((4, 4), 0.3), np.full((4, 4), 0.1)
+    np.fill_diagonal(da, 0)
+    np.fill_diagonal(db, 0)
+    res = metrics.dispersion_test(da, db)
+    assert res['p_value'] == pytest.approx(2 / 70) == res['min_p_value']
+    big = metrics.dispersion_test(additive(np.full(10, 0.15)), additive(np.full(10, 0.05)))
+    assert big['p_value'] >= big['min_p_value'] > 0 and not big['exact']
+    # identical groups: p = 1
+    assert metrics.dispersion_test(da, da)['p_value'] == 1.0
+    bad = da.copy()
+    bad[0, 1] = bad[1, 0] = np.nan
+    with pytest.raises(ValueError, match=r'group a: pair value of trials \[0, 1\] is nan'):
+        metrics.dispersion_test(bad, db)
+    with pytest.raises(ValueError, match='finite'):
+        metrics.pairwise_interval(bad)
+
+
+def test_own_permutation_matches_scipy():
+    rng = np.random.default_rng(0)
+    for na, nb, n_res in ((4, 4, 9999), (3, 5, 9999), (6, 7, 500)):
+        x, y = rng.normal(size=na) + 0.8, rng.normal(size=nb)
+        ours = metrics._welch_permutation(x, y, n_res, seed=1)
+        ref = metrics._permutation(x, y, metrics._welch_t, 'two-sided', n_res, 1)
+        assert ours['exact'] == ref['exact'] and ours['min_p_value'] == ref['min_p_value']
+        if ours['exact']:    # the same enumeration: the same p-value
+            assert float(ours['p_value']) == pytest.approx(ref['p_value'])
+        else:                # different random splits: close
+            assert abs(float(ours['p_value']) - ref['p_value']) < 0.05
+
+
+def test_trial_diagnostics_names_the_outlier():
+    s = np.array([0.1, 0.1, 0.1, 0.1, 0.4])
+    d = additive(s)
+    diag = metrics.trial_diagnostics(d, names=['t0', 't1', 't2', 't3', 't4'])
+    # trial 4: mean to the others 0.5, mean among the others 0.2
+    assert diag['outlyingness'][4] == pytest.approx(2.5)
+    assert diag['outlyingness'][0] == pytest.approx((0.2 * 3 + 0.5) / 4 / ((0.2 * 3 + 0.5 * 3) / 6))
+    assert diag['outliers'] == ['t4'] and diag['outlier_indices'] == [4]
+    assert 'trial t4 is an outlier: its predictions differ from the other trials 2.5x' in diag['note']
+    r = metrics.pairwise_interval(d, names=diag['outliers'] and ['t0', 't1', 't2', 't3', 't4'])
+    assert r['ci_reliable'] is False and r['outliers'] == ['t4'] and 'unreliable' in r['ci_note']
+    clean = metrics.trial_diagnostics(additive([0.1, 0.11, 0.12, 0.1]))
+    assert clean['outliers'] == [] and clean['note'] is None
+    # identical other trials: outlyingness undefined (None), still flagged
+    z = np.zeros((3, 3))
+    z[0, 1:] = z[1:, 0] = 0.2
+    assert metrics.trial_diagnostics(z)['outlyingness'][0] is None and metrics.trial_diagnostics(z)['outliers'] == [0]
+    assert metrics.undetected_outlier_fraction(5) == pytest.approx(1 - 0.05 ** 0.2)
+
+
+def test_leave_one_out_finds_the_deciding_trial():
+    rng = np.random.default_rng(3)
+    sa, sb = 0.1 + 0.01 * rng.random(6), 0.1 + 0.01 * rng.random(6)
+    sa[2] = 0.6                          # one trial carries the whole (positive) difference
+    res = metrics.leave_one_out(additive(sa), additive(sb), names_a=list('abcdef'))
+    assert len(res['checked']) == 12 and not res['significant']
+    # without it the sign of the difference flips: the only trial that decides the verdict
+    assert res['decided_by'] == [('a', 'c')] and 'without trial c of group a' in res['note']
+    # a clear, broad difference: no single trial decides it
+    firm = metrics.leave_one_out(additive(0.3 + 0.01 * rng.random(6)), additive(0.1 + 0.01 * rng.random(6)))
+    assert firm['significant'] and firm['decided_by'] == [] and firm['note'] is None
+    small = metrics.leave_one_out(additive([0.3, 0.3, 0.31]), additive([0.1, 0.1, 0.11]))
+    assert small['checked'] == [] and 'not checked' in small['note']
+
+
+def test_bounded_intervals_stay_inside_their_bounds():
+    # 3 trials with a large spread of top-1 disagreement: the linear interval leaves [0, 1]
+    d = np.array([[0, 0.05, 0.9], [0.05, 0, 0.85], [0.9, 0.85, 0]])
+    lin = metrics.pairwise_interval(d, scale='linear')['ci']
+    assert lin[0] < 0 or lin[1] > 1
+    for scale in ('logit', 'log'):
+        lo, hi = metrics.pairwise_interval(d, scale=scale)['ci']
+        assert 0 < lo < d[np.triu_indices(3, 1)].mean() < hi
+    assert metrics.pairwise_interval(d, scale='logit')['ci'][1] < 1
+    # all pairs 0: log undefined, the clipped linear interval, and the method says so
+    r = metrics.pairwise_interval(np.zeros((4, 4)), scale='logit')
+    assert r['ci'] == [0.0, 0.0] and 'undefined' in r['ci_method']
+    with pytest.raises(ValueError, match='valid: linear, log, logit'):
+        metrics.pairwise_interval(d, scale='probit')
+    # per-trial means of bounded quantities: accuracies near 1
+    acc = [0.99, 0.5, 0.98]
+    assert metrics.describe(acc)['ci'][1] > 1
+    lo, hi = metrics.describe(acc, bounds=(0, 1))['ci']
+    assert 0 < lo < np.mean(acc) < hi < 1
+    assert metrics.describe([1.0, 2.0, 4.0], bounds=(0, None))['ci'][0] > 0
+    with pytest.raises(ValueError, match='bounds'):
+        metrics.describe(acc, bounds=(0, 2))
+
+
+def test_equivalence_test():
+    rng = np.random.default_rng(0)
+    same = metrics.equivalence_test(additive(0.1 + 0.001 * rng.random(8)), additive(0.1 + 0.001 * rng.random(8)))
+    assert same['equivalent'] and same['p_value'] < 0.05 and same['ci_ratio'][0] > 0.9 and same['ci_ratio'][1] < 1.1
+    assert same['ci'][0] < 0 < same['ci'][1] and same['margin'] == metrics.EQUIVALENCE_MARGIN
+    far = metrics.equivalence_test(additive(0.13 + 0.001 * rng.random(8)), additive(0.1 + 0.001 * rng.random(8)))
+    assert far['equivalent'] is False and far['ratio'] == pytest.approx(1.3, rel=0.02)
+    assert metrics.equivalence_test(additive(0.13 + 0.001 * rng.random(8)), additive(0.1 + 0.001 * rng.random(8)),
+                                    margin=0.5)['equivalent']
+    few = metrics.equivalence_test(additive([0.1, 0.1]), additive([0.1, 0.1, 0.1]))
+    assert few['equivalent'] is None and '3 trials' in few['note']
+    with pytest.raises(ValueError, match='margin'):
+        metrics.equivalence_test(additive([0.1] * 3), additive([0.1] * 3), margin=10)
+
+
+def test_paired_snapshot_comparison_known_answer():
+    s_early = np.array([0.05, 0.06, 0.04, 0.05, 0.055])
+    res = metrics.paired_snapshot_comparison(additive(s_early), additive(s_early + 0.02))
+    assert res['difference'] == pytest.approx(0.04)       # every pair rose by 2 x 0.02
+    assert res['ci'] == pytest.approx([0.04, 0.04]) and res['p_value'] == 0.0
+    text = metrics.describe_change(res, at=(500, 5000))
+    assert text.startswith('relative PD rose from 0.102') and 'at 500 to 0.142' in text and 'more divergent' in text
+    down = metrics.paired_snapshot_comparison(additive(s_early + 0.02), additive(s_early + [0.001, -0.001, 0, 0.002, 0]))
+    assert down['difference'] < 0 and 'less divergent' in metrics.describe_change(down)
+    flat = metrics.paired_snapshot_comparison(additive(s_early), additive(s_early + [0.001, -0.001, 0, 0.001, -0.001]))
+    assert flat['p_value'] > 0.05 and 'no detectable change' in metrics.describe_change(flat)
+    with pytest.raises(ValueError, match='same >= 3 trials'):
+        metrics.paired_snapshot_comparison(additive(s_early), additive(s_early[:4]))
+
+
+def test_ensemble_yardstick_falls_like_one_over_sqrt_m():
+    # trials = truth + independent zero-sum noise (no clipping): the difference of two m-averages
+    # is normal with variance 2 sigma^2 / m, so E|.| and relative PD fall exactly like 1 / sqrt(m)
+    rng = np.random.default_rng(0)
+    t, n, c = 8, 400, 10
+    noise = 0.01 * rng.normal(size=(t, n, c))
+    probs = 1 / c + noise - noise.mean(-1, keepdims=True)
+    assert probs.min() > 0
+    ys = metrics.ensemble_yardstick(probs, n_splits=400)
+    assert [r['m'] for r in ys] == [1, 2, 3, 4]
+    assert ys[0]['exhaustive'] and ys[0]['n_splits'] == 28 and ys[0]['ci'] is not None
+    assert ys[0]['value'] == pytest.approx(np.mean([relative_pd(probs[i], probs[j]) for i in range(t) for j in range(i)]))
+    assert ys[3]['n_splits'] == 35 and ys[3]['exhaustive'] and ys[3]['ci'] is None
+    for r in ys:
+        assert r['relative_to_single'] == pytest.approx(1 / np.sqrt(r['m']), rel=0.03)
+    text = metrics.place_on_yardstick('smelu_1 vs relu', -0.06, ys)
+    assert text == 'smelu_1 vs relu: -6% relative PD; averaging 2 models gives -29% (4 models: -50%)'
+    assert 'no ensemble yardstick' in metrics.place_on_yardstick('x', 0.1, ys[:1])
