@@ -52,6 +52,12 @@ def base_activation(name):
     return ALIASES.get(name, name)
 
 
+def applied_function(name):
+    """The function a name applies, as trial_checks.activation_calls counts it: the gate's
+    for gated names, one name per function (silu: swish; smelu_1: smelu(beta=1))."""
+    return canonical_activation(base_activation(name))
+
+
 def canonical_activation(name):
     """One name per distinct function: silu -> swish, smelu_1 and smelu_1.0 -> smelu(beta=1).
     Two names with one canonical form give identical predictions by design."""

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import replace
 
-from config import DTYPES, RunOptions, add_config_args
+from config import DTYPES, SNAPSHOT_MODES, RunOptions, add_config_args
 from fileio import DataError
 from store import VARY_MODES
 
@@ -218,6 +218,9 @@ def add_run_args(parser, study_help="results sub-folder (default: the preset's n
     parser.add_argument('--checkpoint-every', type=int, default=None, metavar='N',
                         help='iterations between mid-trial checkpoints, which a killed trial resumes from '
                              '(default: every evaluation point; 0: none)')
+    parser.add_argument('--snapshots', default='auto', choices=SNAPSHOT_MODES,
+                        help='save the predictions at every evaluation point too (auto: while they take at '
+                             'most 64 MB per trial)')
     add_config_args(parser)
 
 
@@ -226,4 +229,5 @@ def run_options(args, **changes):
     return replace(RunOptions(results_dir=args.results_dir, vary=args.vary, device=args.device, dtype=args.dtype,
                               deterministic=args.deterministic, compile=args.compile, data_dir=args.data_dir,
                               save_checkpoints=args.save_checkpoints, force=args.force,
-                              threads=args.threads, checkpoint_every=args.checkpoint_every), **changes)
+                              threads=args.threads, checkpoint_every=args.checkpoint_every,
+                              snapshots=args.snapshots), **changes)

@@ -153,10 +153,26 @@ class RunOptions:
     checkpoint_every: int | None = None  # iterations between mid-trial checkpoints (None: every
                                          # evaluation point; 0: none)
     preset: str | None = None      # the preset the config came from: recorded in each trial, for the report
+    snapshots: str = 'auto'        # predictions at every evaluation point: on | off | auto (on while small)
 
     def __post_init__(self):
         if self.checkpoint_every is not None and self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}")
+        if self.snapshots not in SNAPSHOT_MODES:
+            raise ValueError(f"unknown --snapshots {self.snapshots!r}; valid: {', '.join(SNAPSHOT_MODES)}")
+
+
+SNAPSHOT_MODES = ('auto', 'on', 'off')
+SNAPSHOT_AUTO_BYTES = 64 * 2 ** 20  # 'auto' takes snapshots while a trial's all fit in this
+
+
+def snapshot_bytes(config):
+    """What a trial's snapshots take: float32 predictions on the evaluation set at every evaluation point."""
+    return n_evaluations(config) * config.n_eval * max(1, config.vocab_size) * 4
+
+
+def takes_snapshots(mode, config):
+    return mode == 'on' or (mode == 'auto' and snapshot_bytes(config) <= SNAPSHOT_AUTO_BYTES)
 GATED_WIDTHS = ('same', 'matched')  # see model.ffn_units
 
 # Presets of the original study (cpu, gpu_lite, gpu, and gpu_full from config_full_gpu.py),

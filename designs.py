@@ -25,6 +25,12 @@ DESIGNS = {
     'cpu_power': dict(config='cpu', models=('minigpt', 'tinylstm'), activations=('relu', 'gelu', 'smelu_1'),
                       trials=10, about='2 models x relu/gelu/smelu_1 x 10 trials, cpu preset: a CPU study '
                                        'that can reach a verdict'),
+    # models that have learned (cpu_reference: ~1.9 nats after 2,000 steps), with snapshots of the
+    # predictions at every evaluation point (250 steps): how reproducibility evolves over training
+    'cpu_converged': dict(config='cpu_reference', models=('minigpt', 'tinylstm'),
+                          activations=('relu', 'gelu', 'smelu_1'), trials=8,
+                          about='2 models x relu/gelu/smelu_1 x 8 trials, cpu_reference preset (2,000 steps), '
+                                'snapshots every 250 steps: reproducibility over training'),
     'mnist_ffn': dict(config='mnist_ffn', models=('ffn',), activations=('relu', 'geglu'), trials=20,
                       grid={'hidden': (2, 4, 8, 16), 'batch_size': (8, 64), 'learning_rate': (1e-1, 1e-2, 1e-3, 1e-4)},
                       root='{dataset}/gated_{gated_width}', cell='h{hidden}_b{batch_size}_lr{learning_rate:g}',

@@ -30,12 +30,12 @@ import cli
 import plan as planning
 import store
 from activations import ACTIVATION_NAMES
-from config import Parser, RunOptions, n_evaluations
+from config import Parser, RunOptions, n_evaluations, takes_snapshots
 from device import autocast_dtype, dtype_name, provenance, resolve_device, set_determinism
 from fileio import DataError, atomic_write
 from model_factories import ALL_MODEL_NAMES, build_model, check_activation, check_model, count_parameters, model_kind
 from prepare_data import make_task
-from trial_checks import causality_probe, stream_fingerprints
+from trial_checks import activation_calls, causality_probe, stream_fingerprints
 
 
 class TrainingError(RuntimeError):
@@ -171,6 +171,8 @@ class LoopState:
     started_at: str = ''
     resumed_from: list = field(default_factory=list)
     streams: dict | None = None      # stream fingerprints, taken at iteration 0 (trial_checks)
+    snapshots: list = field(default_factory=list)       # predictions at each evaluation point (tensors)
+    snapshot_iters: list = field(default_factory=list)  # ... and their iterations
 
     def as_dict(self):
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -197,6 +199,7 @@ class Run:
     ckpt: checkpoint.TrialCheckpoints
     data_gen: torch.Generator
     progress: bool = True
+    snapshots: bool = False          # predictions on the evaluation set at every evaluation point
 
 
 def run_trial(model_name, activation, trial, config, study, opts=RunOptions()):
@@ -244,19 +247,19 @@ def run_trial(model_name, activation, trial, config, study, opts=RunOptions()):
                                        dev, data_gen)
     r = Run(key.name.split(' [')[0], model, torch.compile(model) if opts.compile else model, optimizer, task, config,
             dev, torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext(), ckpt, data_gen,
-            opts.progress)
+            opts.progress, takes_snapshots(opts.snapshots, config))
     s = LoopState(started_at=datetime.datetime.now().astimezone().isoformat())
     saved = ckpt.resume(opts.force, model, optimizer, data_gen, lambda line: _note(f"{r.name}: {line}"))
     if saved:
         s = LoopState.from_checkpoint(saved)
         t_start -= s.total_time
     train(r, s, t_start)
-    metrics, arrays = evaluate_trained(r, s, t_start)
+    metrics, arrays, calls = evaluate_trained(r, s)
     record = {'schema_version': store.SCHEMA_VERSION, 'source': 'measured', 'study': key.study,
               'preset': opts.preset, **ident,
               'deterministic': opts.deterministic, 'dtype': dtype_name(amp_dtype),
               'data': task.data_info, 'eval_hash': task.eval_hash,
-              'streams': s.streams, 'metrics': metrics, 'history': s.history, 'resumed_from': s.resumed_from,
+              'streams': s.streams, 'activation_calls': calls, 'metrics': metrics, 'history': s.history, 'resumed_from': s.resumed_from,
               'provenance': {**provenance(dev, opts.deterministic), 'started_at': s.started_at,
                              'finished_at': datetime.datetime.now().astimezone().isoformat()}}
     if opts.save_checkpoints:
@@ -322,6 +325,9 @@ def evaluate_and_maybe_stop(r, s, grad_norm):
     (the best weights seen are loaded back)."""
     t0 = time.time()
     losses = estimate_loss(r.step_model, r.task, r.config, r.device, r.amp)
+    if r.snapshots:  # eval mode, no random draws: the training is bitwise the same without them
+        s.snapshots.append(torch.from_numpy(predict(r.step_model, r.task, r.device, r.amp)[0]))
+        s.snapshot_iters.append(s.it)
     s.eval_time += time.time() - t0
     for k, v in (('iter', s.it), ('train_loss', losses['train']), ('val_loss', losses['val']),
                  ('lr', lr_at(min(s.it, r.config.max_iters - 1), r.config)),
@@ -343,9 +349,10 @@ def evaluate_and_maybe_stop(r, s, grad_norm):
     return True
 
 
-def evaluate_trained(r, s, t_start):
-    """(metrics, arrays to save) of the trained model: final losses, predictions on the
-    evaluation set, the model's and task's own metrics, then the causality probe."""
+def evaluate_trained(r, s):
+    """(metrics, arrays to save, activation calls) of the trained model: final losses,
+    predictions on the evaluation set (and the snapshots taken on the way), the model's and
+    task's own metrics, then the causality probe and the activation functions really called."""
     config, task, dev = r.config, r.task, r.device
     if s.stopped_early_at is not None or s.history['iter'][-1] != s.it:
         final = estimate_loss(r.step_model, task, config, dev, r.amp)
@@ -355,7 +362,8 @@ def evaluate_trained(r, s, t_start):
     metrics = {
         'train_loss': final['train'], 'val_loss': final['val'],
         'val_accuracy': val_acc, 'token_accuracy': token_acc,
-        'perplexity': math.exp(final['val']) if task.kind == 'lm' else None,  # exp(val loss in nats)
+        # exp(val loss in nats); a diverged trial's overflows to inf, saved as null (fileio.json_ready)
+        'perplexity': (math.exp(final['val']) if final['val'] < 700 else math.inf) if task.kind == 'lm' else None,
         'training_time': s.training_time, 'eval_time': s.eval_time, 'checkpoint_time': r.ckpt.time,
         'tokens_per_sec': s.it * config.grad_accum_steps * task.tokens_per_batch(config.batch_size)
                           / max(1e-9, s.training_time - s.eval_time),
@@ -373,7 +381,10 @@ def evaluate_trained(r, s, t_start):
     arrays = {'probs': probs, 'eval_indices': task.eval_indices,
               'targets': (task.eval_y[:, -1] if task.eval_y.dim() == 2 else task.eval_y).numpy().astype(np.int64),
               **extras}
-    return metrics, arrays
+    if s.snapshots:
+        arrays.update(snapshot_probs=torch.stack(s.snapshots).numpy(),
+                      snapshot_iters=np.array(s.snapshot_iters, dtype=np.int64))
+    return metrics, arrays, activation_calls(r.model, task, dev)
 
 
 def _note(line):

@@ -1,15 +1,19 @@
 """
-What a trial records to prove itself, beside its results (train.run_trial calls both):
+What a trial records to prove itself, beside its results (train.run_trial calls them):
 
     stream_fingerprints(model, first_batch, device)  digests of the random streams the
                                                      first step really finds
     causality_probe(model, task, device)             does the trained model see the future?
+    activation_calls(model, task, device)            which activation functions one forward
+                                                     pass really calls, and how often
 
-Neither draws a random number, so neither can change a result.
+None draws a random number, so none can change a result.
 """
 import hashlib
+from collections import Counter
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 
 def _digest(chunks):
@@ -67,3 +71,49 @@ def causality_probe(model, task, device, n_windows=8):
         b, _ = model(changed)
         model.train()
     return (a[:, :T - m].float() - b[:, :T - m].float()).abs().max().item()
+
+
+# torch builtins by __name__ -> the name activation_names.applied_function gives their function
+_BUILTIN_ACTIVATIONS = {'relu': 'relu', 'relu_': 'relu', 'gelu': 'gelu', 'silu': 'swish', 'silu_': 'swish',
+                        'mish': 'mish', 'elu': 'elu', 'elu_': 'elu', 'selu': 'selu', 'selu_': 'selu',
+                        'leaky_relu': 'leaky_relu', 'leaky_relu_': 'leaky_relu', 'tanh': 'tanh',
+                        'sigmoid': 'sigmoid', 'softplus': 'softplus'}
+
+
+class _CountCalls(TorchFunctionMode):
+    """Counts the activation builtins called in its scope, whoever calls them (a module, a
+    functional call in a forward, a planted bug). Nested calls are not seen twice: torch
+    runs __torch_function__ with the mode switched off."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = _BUILTIN_ACTIVATIONS.get(getattr(func, '__name__', ''))
+        if name:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@torch.inference_mode()
+def activation_calls(model, task, device, n_windows=8):
+    """{function: calls} in one forward pass of the trained model over n_windows evaluation
+    inputs: what really ran, not the configured name (the original study's bug: an activation
+    name silently replaced by ReLU). Builtins are counted by a TorchFunctionMode; functions that
+    are no builtin (SmeLU) by the modules that call them. In eval mode; RNG states untouched."""
+    x = task.eval_x[:n_windows].to(device)
+    counter = _CountCalls()
+    hooks = [m.register_forward_pre_hook(lambda mod, inp: counter.counts.update([mod.fn.activation_name]))
+             for m in model.modules() if hasattr(getattr(m, 'fn', None), 'activation_name')]
+    cuda = [device] if device.type == 'cuda' else []
+    try:
+        with torch.random.fork_rng(devices=cuda, device_type='cuda'):
+            model.eval()
+            with counter:
+                model(x)
+            model.train()
+    finally:
+        for h in hooks:
+            h.remove()
+    return dict(sorted(counter.counts.items()))
