@@ -29,10 +29,12 @@ import numpy as np
 
 import ffn_report
 import metrics
+import over_training
 import plot_utils
 import routing_metrics
 import sanity
 import store
+from comparisons import compare_to_baseline, holm_and_verdicts, n_dispersion_tests
 from cli import EXIT_INTERRUPT, check_writable, error_line, exit_code, exit_help
 from config import Parser
 from fileio import AnalysisError, is_number, json_ready, write_json, write_text
@@ -44,6 +46,7 @@ TRIAL_METRICS = ('train_loss', 'val_loss', 'perplexity', 'val_accuracy', 'token_
                  'total_time', 'tokens_per_sec')
 # mixture-of-experts trials (switchlm) also record these (see moe.py); summarised when present
 MOE_METRICS = ('moe_dropped_fraction', 'moe_router_entropy', 'moe_aux_loss', 'moe_z_loss')
+FRACTIONS = ('val_accuracy', 'token_accuracy', 'moe_dropped_fraction')
 PROVENANCE_KEYS = ('git_commit', 'git_dirty', 'torch_version', 'cuda_version', 'device', 'device_name',
                    'deterministic', 'python_version', 'hostname')
 
@@ -65,6 +68,19 @@ def load_trial(path, study_dir):
             'name': f"{model}/{activation}/trial_{rec['trial']}", 'eval_hash': rec['eval_hash'],
             'files': [{'path': rel, 'sha256': t['json_sha256']},
                       {'path': os.path.join(os.path.dirname(rel), pf), 'sha256': rec['predictions_sha256']}]}
+
+
+def no_trials_message(study_dir, bad):
+    """Why a folder has no usable trials: nothing there, damaged files, or a folder of studies
+    (results/, say) rather than a study: then the studies it holds are named."""
+    studies = sorted({os.path.relpath(os.path.dirname(os.path.dirname(os.path.dirname(p))), study_dir)
+                      for p in glob.glob(os.path.join(study_dir, '**', 'trial_*.json'), recursive=True)})
+    if studies:
+        return (f"{study_dir!r} is not a study but holds {len(studies)} of them: "
+                f"{', '.join(studies[:8])}{' ...' if len(studies) > 8 else ''}; give one of them to --results-dir")
+    reasons = '; '.join(f"{b['path']}: {b['reason']}" for b in bad[:3])
+    return (f"no usable trial results under {study_dir!r} (looked for <model>/<activation>/trial_<k>.json)"
+            + (f"; skipped: {reasons}" if bad else ''))
 
 
 def load_study(study_dir):
@@ -106,7 +122,9 @@ def summarize_group(model, activation, trials, warnings):
     stats = {}
     for k in TRIAL_METRICS + tuple(moe):
         values = [row[k] for row in rows]
-        stats[k] = metrics.describe(values) if all(is_number(v) for v in values) else None
+        # intervals stay inside what the quantity can be: accuracies and fractions in [0, 1], the rest >= 0
+        bounds = (0, 1) if k in FRACTIONS else (0, None)
+        stats[k] = metrics.describe(values, bounds=bounds) if all(is_number(v) for v in values) else None
     entry = {
         'model_name': model, 'activation': activation, 'task': recs[0].get('task'), 'vary': recs[0].get('vary'),
         'n_trials': n, 'trial_ids': [t['trial'] for t in trials], 'config': recs[0].get('config'),
@@ -129,9 +147,11 @@ def summarize_group(model, activation, trials, warnings):
         return entry
     ids = np.array(entry['trial_ids'])
     entry['pairwise'] = {'pairs': ids[pairs].tolist()}
+    names = [f"trial {k}" for k in entry['trial_ids']]
     for metric, v in values.items():
         entry['pairwise'][metric] = {'values': v.tolist(), 'std': float(v.std(ddof=1)) if len(v) >= 2 else None,
-                                     **metrics.pairwise_interval(metrics.pair_matrix(n, pairs, v))}
+                                     **metrics.pairwise_interval(metrics.pair_matrix(n, pairs, v),
+                                                                 scale=metrics.PAIR_METRIC_SCALE[metric], names=names)}
     entry['avg_relative_pd'] = entry['pairwise']['relative_pd']['mean']
     entry['routing_agreement'] = routing_agreement(name, trials, ids, warnings)
     entry['reproducibility_metrics'] = [
@@ -162,82 +182,23 @@ def routing_agreement(name, trials, ids, warnings):
     pairs = np.array([(i, j) for i, j, _ in r['pairs']])
     v = np.array([a for _, _, a in r['pairs']])
     return {'pairs': ids[pairs].tolist(), 'values': v.tolist(), 'std': float(v.std(ddof=1)) if len(v) >= 2 else None,
-            **metrics.pairwise_interval(metrics.pair_matrix(len(trials), pairs, v)),
+            **metrics.pairwise_interval(metrics.pair_matrix(len(trials), pairs, v), scale='logit'),
             'per_layer_mean': r['per_layer_mean'], 'chance_mean': r['chance_mean'],
             'method': 'fraction of evaluation tokens whose first-choice experts match after matching '
                       'experts by linear_sum_assignment on co-routing counts; mean over MoE layers'}
 
 
-def compare_to_baseline(model, act, base, ta, tb, warnings):
-    """One activation against the baseline on relative PD: the difference of the two mean
-    pairwise PDs and the dispersion test (is one more reproducible?), and the prediction-shift
-    test (do they predict differently at all?). p_value_holm and the verdict come later, from
-    holm_and_verdicts over the whole study."""
-    na, nb = len(ta), len(tb)
-    out = {'model': model, 'activation': act, 'baseline': base, 'metric': 'relative_pd',
-           'n_trials': na, 'n_trials_baseline': nb, 'mean': None, 'mean_baseline': None, 'difference': None,
-           'dispersion': None, 'prediction_shift': None, 'note': None, 'error': None}
-    try:
-        pairs, values = metrics.compare(ta + tb, {'relative_pd': metrics.relative_pd})
-    except metrics.EvalMismatch as e:
-        out['error'] = str(e)
-        warnings.insert(0, f"ERROR {model}: {act} vs {base}: {e}; no comparison")
-        return out
-    d = metrics.pair_matrix(na + nb, pairs, values['relative_pd'])
-    ia, ib = np.arange(na), np.arange(na, na + nb)
-    if min(na, nb) < 2:
-        out['note'] = "needs at least 2 trials on each side"
-        return out
-    out['mean'] = float(metrics.mean_over_distinct_pairs(d, ia))
-    out['mean_baseline'] = float(metrics.mean_over_distinct_pairs(d, ib))
-    out['difference'] = out['mean'] - out['mean_baseline']
-    out['prediction_shift'] = {**metrics.exchangeability_test(d, ia, ib), 'p_value_holm': None}
-    if min(na, nb) < 3:
-        out['note'] = "the dispersion test needs at least 3 trials on each side"
-        return out
-    out['dispersion'] = {**metrics.dispersion_test(d[np.ix_(ia, ia)], d[np.ix_(ib, ib)]), 'p_value_holm': None,
-                         'verdict': None}
-    return out
-
-
-def holm_and_verdicts(comparisons):
-    """Holm over all comparisons of the study, separately for each test, then the verdict of
-    each dispersion test in words."""
-    for test in ('dispersion', 'prediction_shift'):
-        metrics.holm_in_place([c[test] for c in comparisons])
-    m = sum(1 for c in comparisons if c['dispersion'])
-    for c in comparisons:
-        if c['dispersion']:
-            c['dispersion']['verdict'] = verdict(c['dispersion'], c['n_trials'], c['n_trials_baseline'], m)
-
-
-def verdict(res, na, nb, m):
-    """'more reproducible' / 'less reproducible' / 'no detectable difference at n = ...', with
-    what the design could have detected."""
-    if res['p_value_holm'] <= metrics.ALPHA:
-        return 'more reproducible' if res['difference'] < 0 else 'less reproducible'
-    n = f"n = {na} + {nb} trials"
-    if res['min_p_value'] > metrics.ALPHA:
-        return (f"no detectable difference at {n}: the smallest p-value this test can give is "
-                f"{res['min_p_value']:.3g} > {metrics.ALPHA}, so no difference of any size could be detected")
-    if m * res['min_p_value'] > metrics.ALPHA:
-        return (f"no detectable difference at {n}: after Holm over {m} comparisons the smallest attainable "
-                f"adjusted p-value is {min(1, m * res['min_p_value']):.3g} > {metrics.ALPHA}")
-    return (f"no detectable difference at {n} (minimum detectable difference {res['min_detectable_difference']:.2g} "
-            f"in relative PD at alpha {metrics.ALPHA}, power {metrics.POWER}, before Holm)")
-
-
 # ----------------------------------------------------------------------------- the whole study
 
-def build_summary(study_dir, baseline=None, loaded=None):
+def build_summary(study_dir, baseline=None, loaded=None, margin=metrics.EQUIVALENCE_MARGIN, snapshots=None):
     """The summary dict of a study, in memory (nothing written). baseline=None: relu where the
     study has it; a name the study does not have raises AnalysisError. loaded: what
-    load_study(study_dir) returned, if the caller has it already."""
+    load_study(study_dir) returned, if the caller has it already. margin: of the equivalence
+    test, relative to the baseline's mean PD; snapshots: (early, late) iterations to compare
+    (default: the first after 0 and the last)."""
     trials, bad, failures = loaded or load_study(study_dir)
     if not trials:
-        reasons = '; '.join(f"{b['path']}: {b['reason']}" for b in bad[:3])
-        raise AnalysisError(f"no usable trial results under {study_dir!r} (looked for "
-                            f"<model>/<activation>/trial_<k>.json)" + (f"; skipped: {reasons}" if bad else ''))
+        raise AnalysisError(no_trials_message(study_dir, bad))
     groups = {}
     for t in trials:
         groups.setdefault(t['model'], {}).setdefault(t['activation'], []).append(t)
@@ -245,20 +206,31 @@ def build_summary(study_dir, baseline=None, loaded=None):
     if baseline is not None and baseline not in activations:
         raise AnalysisError(f"baseline {baseline!r} is not an activation of this study; valid: {', '.join(activations)}")
     base = baseline or ('relu' if 'relu' in activations else None)
+    repeats_dir = os.path.join(study_dir, 'repeats')
+    noise = sanity.repeat_noise(load_study(repeats_dir)[0] if os.path.isdir(repeats_dir) else [], groups)
 
-    warnings, results, comparisons = [], [], []
+    warnings, results, comparisons, entries_by = [], [], [], {}
+    m = n_dispersion_tests(groups, base)
     for model, acts in groups.items():
         entries = [summarize_group(model, act, ts, warnings) for act, ts in acts.items()]
         results += entries
+        entries_by.update({(model, e['activation']): (e, acts[e['activation']]) for e in entries})
         ref = sanity.between_seed_pd(entries)
-        sanity.sanity_seeds(model, entries, ref, warnings)
-        sanity.sanity_across_activations(model, acts, ref, warnings)
+        sanity.sanity_seeds(model, entries, ref, warnings, noise)
+        sanity.sanity_across_activations(model, acts, ref, warnings, noise)
         if base in acts:
-            comparisons += [compare_to_baseline(model, a, base, ts, acts[base], warnings)
+            comparisons += [compare_to_baseline(model, a, base, ts, acts[base], warnings, m, margin)
                             for a, ts in acts.items() if a != base]
     holm_and_verdicts(comparisons)
+    try:
+        over_training.summarize(entries_by, comparisons, snapshots)
+    except ValueError as e:  # --snapshots naming an iteration the trials have no snapshot at
+        raise AnalysisError(str(e)) from None
+    sanity.check_activation_calls(trials, warnings)
     sanity.sanity_trials(trials, warnings)
     sanity.check_streams(groups, warnings)
+    sanity.check_mixed_settings(groups, warnings)
+    sanity.check_trial_counts(groups, warnings)
     valid = {(t['model'], t['activation'], t['trial']) for t in trials}
     for f in failures:
         f['has_result'] = (f.get('model'), f.get('activation'), f.get('trial')) in valid
@@ -266,6 +238,10 @@ def build_summary(study_dir, baseline=None, loaded=None):
         warnings.append(f"{len(failures)} failed trial(s) in failures.jsonl: " +
                         ', '.join(f"{f.get('model')}/{f.get('activation')}/trial_{f.get('trial')}" for f in failures))
     warnings += [f"skipped {b['path']}: {b['reason']}" for b in bad]
+    evidence = {f"{mo}/{a}": ('repeat noise measured ({n} repeat(s)): {v:.2e}'.format(**noise[(mo, a)] | {'v': noise[(mo, a)]['value']})
+                              if (mo, a) in noise else 'repeat noise not measured: seeds checked by the stream '
+                              'digests and a fixed threshold of ' f"{sanity.SANITY_RATIO:.0%} of the between-seed PD")
+                for mo, acts in groups.items() for a in acts}
 
     files = [f for t in trials for f in t['files']]
     seen = {}
@@ -281,16 +257,26 @@ def build_summary(study_dir, baseline=None, loaded=None):
         'statistics': {'confidence_level': metrics.CONFIDENCE, 'alpha': metrics.ALPHA, 'power': metrics.POWER,
                        'n_permutations': metrics.N_PERMUTATIONS, 'seed': metrics.SEED,
                        'min_trials_for_ci': metrics.MIN_TRIALS_FOR_CI,
-                       'pairwise_ci': 'leave-one-trial-out jackknife t-interval of the mean over pairs (T - 1 df)',
-                       'trial_ci': 't-interval of the mean over trials (n - 1 df)',
-                       'dispersion': 'difference of mean pairwise relative PD; permutation test of the jackknife '
-                                     'pseudo-values (Welch t statistic) over group labels',
+                       'pairwise_ci': 'leave-one-trial-out jackknife t-interval of the mean over pairs (T - 1 df), '
+                                      'on the logit scale for metrics in [0, 1] and the log scale for metrics >= 0; '
+                                      'marked unreliable, with the trials named, when a trial is an outlier',
+                       'trial_ci': 'jackknife t-interval of the mean over trials (n - 1 df), on the logit scale for '
+                                   'accuracies and the log scale for losses and times',
+                       'dispersion': 'difference of mean pairwise relative PD; permutation test over group labels of '
+                                     'the Welch t statistic of jackknife pseudo-values of mean (-log(1 - PD))^2',
+                       'equivalence': f'two one-sided tests on the ratio of mean relative PDs, margin ±{margin:.0%} '
+                                      f'of the baseline\'s',
+                       'equivalence_margin': margin,
+                       'snapshots': 'paired leave-one-trial-out jackknife of late - early mean relative PD',
+                       'ensemble_yardstick': 'relative PD between averaged disjoint ensembles of m trials (descriptive '
+                                             'for m > 1)',
                        'prediction_shift': 'permutation test over trial labels of between- minus within-group '
                                            'relative PD (null: exchangeable trials)',
                        'multiple_comparisons': 'Holm over all comparisons of the study, separately per test',
                        'elementwise_floor': metrics.ELEMENTWISE_FLOOR,
                        'std': 'sample standard deviation (ddof=1)'},
-        'sanity_rules': {'sanity_ratio': sanity.SANITY_RATIO, 'identical_tol': sanity.IDENTICAL_TOL,
+        'sanity_evidence': evidence,
+        'sanity_rules': {'sanity_ratio': sanity.SANITY_RATIO, 'repeat_factor': sanity.REPEAT_FACTOR, 'identical_tol': sanity.IDENTICAL_TOL,
                          'causality_tol': sanity.CAUSALITY_TOL, 'leak_ratio': sanity.LEAK_RATIO,
                          'lm_loss_floor': sanity.LM_LOSS_FLOOR},
         'warnings': warnings,
@@ -309,7 +295,8 @@ def build_summary(study_dir, baseline=None, loaded=None):
 
 # ----------------------------------------------------------------------------- writing
 
-def analyze(study_dir, plots_dir=None, baseline=None, plots=True, verbose=True):
+def analyze(study_dir, plots_dir=None, baseline=None, plots=True, verbose=True, margin=metrics.EQUIVALENCE_MARGIN,
+            snapshots=None):
     """Analyse a study folder: write summary.json and REPORT.md in it and the plots in
     plots_dir (default <study_dir>/plots); return the summary dict. Raises AnalysisError on
     input it cannot use, before writing anything."""
@@ -317,7 +304,7 @@ def analyze(study_dir, plots_dir=None, baseline=None, plots=True, verbose=True):
         return ffn_report.analyze_ffn(study_dir, load_study, build_summary, plots_dir, baseline, plots, verbose)
     # json_ready (fileio's one rule: a non-finite number is null) before the report and the
     # plots, so that they show exactly what summary.json holds
-    summary = json_ready(build_summary(study_dir, baseline))
+    summary = json_ready(build_summary(study_dir, baseline, margin=margin, snapshots=snapshots))
     report = render_report(summary)
     write_json(os.path.join(study_dir, 'summary.json'), summary)
     write_text(os.path.join(study_dir, 'REPORT.md'), report)
@@ -390,6 +377,37 @@ def compare_studies(dir_a, dir_b, out_dir=None, plots_dir=None, verbose=True):
 
 # ----------------------------------------------------------------------------- command line
 
+def snapshot_pair(text):
+    """'500,5000' -> (500, 5000), for --compare-snapshots."""
+    try:
+        early, late = (int(x) for x in text.split(','))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two iterations as EARLY,LATE (e.g. 250,2000), got {text!r}")
+    if not 0 <= early < late:
+        raise argparse.ArgumentTypeError(f"expected EARLY < LATE, got {text!r}")
+    return early, late
+
+
+def margin_value(text):
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) such as 0.25, got {text!r}")
+    return v
+
+
+def add_analysis_args(parser):
+    """The analysis's own flags, shared with run_all_experiments.py."""
+    parser.add_argument('--equivalence-margin', type=margin_value, default=metrics.EQUIVALENCE_MARGIN, metavar='F',
+                        help=f"equivalence test: 'equally reproducible' within ±F of the baseline's mean relative PD "
+                             f"(default {metrics.EQUIVALENCE_MARGIN:g}; docs/analysis.md says why)")
+    parser.add_argument('--compare-snapshots', dest='snapshots', type=snapshot_pair, default=None, metavar='EARLY,LATE',
+                        help='the two snapshot iterations whose relative PD is compared (default: the first after 0 '
+                             'and the last)')
+
+
 def main(argv=None):
     parser = Parser(description='Reproducibility analysis of saved trials (no training).', epilog=exit_help(),
                     formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -400,6 +418,7 @@ def main(argv=None):
                         '(default: relu where the study has it)')
     parser.add_argument('--plots-only', action='store_true', help='redraw the plots from <results-dir>/summary.json')
     parser.add_argument('--no-plots', action='store_true', help='write summary.json and REPORT.md only')
+    add_analysis_args(parser)
     parser.add_argument('--compare', nargs=2, metavar=('DIR_A', 'DIR_B'), help='compare two study folders')
     parser.add_argument('--out-dir', default=None, help='--compare: where compare.json and COMPARE.md go '
                         '(default: <parent of DIR_A>/compare_<A>_vs_<B>)')
@@ -428,7 +447,8 @@ def main(argv=None):
             paths = plot_utils.save_figures(summary_figures(args.results_dir), plots_dir)
             print(f"wrote {len(paths)} plots in {plots_dir}")
         else:
-            analyze(args.results_dir, args.plots_dir, args.baseline, plots=not args.no_plots)
+            analyze(args.results_dir, args.plots_dir, args.baseline, plots=not args.no_plots,
+                    margin=args.equivalence_margin, snapshots=args.snapshots)
     except KeyboardInterrupt:
         parser.exit(EXIT_INTERRUPT, "interrupted: outputs are written whole or not at all\n")
     except (AnalysisError, OSError) as e:  # AnalysisError is a ValueError: a usage error

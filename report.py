@@ -82,9 +82,10 @@ def num(x, digits=4):
 
 
 def interval(stat, values=None):
-    """'[lo, hi]' for a valid interval; otherwise the pair values' range, labelled as such."""
+    """'[lo, hi]' for a valid interval (marked † where an outlier trial makes it unreliable);
+    otherwise the pair values' range, labelled as such."""
     if stat and stat.get('ci'):
-        return f"[{num(stat['ci'][0])}, {num(stat['ci'][1])}]"
+        return f"[{num(stat['ci'][0])}, {num(stat['ci'][1])}]" + (' †' if stat.get('ci_reliable') is False else '')
     if values is not None and len(values) >= 2:
         return f"(range of {len(values)} pair values [{num(min(values))}, {num(max(values))}]; no interval possible)"
     if values is not None and len(values) == 1:
@@ -124,7 +125,9 @@ def statistics_section(s):
            "**dispersion test** (is the activation's relative PD between trials higher or lower than the "
            f"baseline's? {st['dispersion']}), which gives the verdict, and the **prediction-shift test** (do the "
            f"two predict differently at all? {st['prediction_shift']}). Two equally reproducible activations that "
-           "predict differently fail the second, not the first.", ""]
+           "predict differently fail the second, not the first. 'No detectable difference' is no evidence of "
+           f"equality: that takes the **equivalence test** ({st.get('equivalence', 'not run')}), whose verdict "
+           "appears only where it is shown.", ""]
     if cmp:
         m = len(cmp)
         need = metrics.trials_to_detect(m, st['alpha'])
@@ -164,6 +167,9 @@ def model_section(s, model, results):
         out.append(f"| {r['activation']} | {r['n_trials']} | {pd_cell} | {top1} | "
                    f"{b(_mean_ci(st['val_loss']), best_loss)} | {b(_mean_ci(st['val_accuracy']), best_acc)} | "
                    f"{timing_cell(r, s.get('study_info'))} |")
+    notes = [f"† {r['activation']}: {r['pairwise']['relative_pd']['ci_note']}" for r in results
+             if r['pairwise'] and r['pairwise']['relative_pd'].get('ci_reliable') is False]
+    out += [""] + notes if notes else []
     others = [m for m in metrics.PAIR_METRICS if m not in ('relative_pd', 'top1_disagreement')]
     out += ["", "Bold: lowest mean relative PD, lowest val loss, highest val accuracy (means; the intervals say "
             "whether the differences are more than noise).", "",
@@ -193,6 +199,7 @@ def model_section(s, model, results):
                        f"{num(r['avg_relative_pd'])} | {mean('perplexity')} | {mean('moe_dropped_fraction')} | "
                        f"{mean('moe_router_entropy')} |")
     out += comparison_section(s, model)
+    out += over_training_section(model, results)
     out.append("")
     return out
 
@@ -216,6 +223,30 @@ def comparison_section(s, model):
         what = disp['verdict'] if disp else c['note']
         out.append(f"| {c['activation']} | {num(c['mean'])} | {num(c['mean_baseline'])} | {diff} | {_p(disp)} | "
                    f"{what} | {_p(c['prediction_shift'])} |")
+    placed = [c['on_yardstick'] for c in cmp if c.get('on_yardstick')]
+    if placed:
+        out += ["", "On the scale of the standard remedy, averaging models (the baseline's ensemble yardstick: "
+                "relative PD between the averaged predictions of two disjoint sets of m trials; descriptive for "
+                "m > 1):", ""] + [f"- {p}" for p in placed]
+    return out
+
+
+def over_training_section(model, results):
+    """Relative PD at each snapshot with its interval, and the paired change between two snapshots."""
+    curves = [r for r in results if r.get('snapshots')]
+    if not curves:
+        notes = sorted({r.get('snapshots_note') for r in results if r.get('snapshots_note')})
+        return ["", f"Over training: {'; '.join(notes)}."] if notes else []
+    iters = curves[0]['snapshots']['iters']
+    out = ["", "Over training: mean relative PD between trials at each evaluation point [95% CI] "
+           "(the same trials at every point):", "",
+           "| activation | " + " | ".join(str(i) for i in iters) + " |", "|---|" + "---|" * len(iters)]
+    for r in curves:
+        by_it = dict(zip(r['snapshots']['iters'], r['snapshots']['relative_pd']))
+        out.append(f"| {r['activation']} | " + " | ".join(
+            f"{num(by_it[i]['mean'], 3)} {interval(by_it[i])}" if i in by_it else '—' for i in iters) + " |")
+    out.append("")
+    out += [f"- {r['activation']}: {r['snapshot_change']['sentence']}" for r in curves if r.get('snapshot_change')]
     return out
 
 
@@ -225,6 +256,10 @@ def render_report(s):
            "mean |p1 − p2| / (mean p1 + mean p2) between two trials' softmax outputs on the same "
            "evaluation set (= mean total-variation distance; 0 identical, 1 disjoint).", "", "## Warnings", ""]
     out += [f"- {w}" for w in s['warnings']] or ["None."]
+    ev = s.get('sanity_evidence') or {}
+    if ev:
+        out += ["", "Evidence the seed and activation checks used: " + "; ".join(f"{k}: {v}" for k, v in ev.items())
+                + "."]
     out += [""] + statistics_section(s)
     if s['baseline'] is None:
         out += ["No relu runs in this study, so no comparisons against a baseline (choose one with --baseline).", ""]

@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 import metrics
-from activation_names import canonical_activation
+from activation_names import applied_function, canonical_activation
 from fileio import is_number
 
 SEED_KEYS = ('init', 'data', 'dropout')  # the seeds that drive randomness; trial_seed is a label
@@ -21,6 +21,13 @@ SEED_KEYS = ('init', 'data', 'dropout')  # the seeds that drive randomness; tria
 # probabilities by ~1e-4 relative, i.e. ~0.1% of that or less. 1% sits an order of magnitude
 # above the second and below any real difference, so below it two trials are "the same model".
 SANITY_RATIO = 0.01
+# Where repeat noise is measured (run_all_experiments.py --repeats N: trial 0 of each group run
+# again with identical seeds), the rules compare with it instead: two trials or two activations
+# whose relative PD is within REPEAT_FACTOR x the repeat noise predict like two runs of one
+# computation. The noise of one measured repeat pair varies by a factor of a few between pairs
+# (float reductions land differently), so 10x keeps a real effect clear of it: a genuinely
+# different activation was measured at 100x and more of GPU-like repeat noise.
+REPEAT_FACTOR = 10
 # Without a between-seed reference (vary none, single trials), only predictions that agree to
 # this are flagged: float32 softmax of the same computation agrees to ~1e-7.
 IDENTICAL_TOL = 1e-6
@@ -69,6 +76,10 @@ def sanity_trials(trials, warnings):
         if why:
             warnings.append(f"{t['name']}: val loss {m['val_loss']:.4f} is {' and '.join(why)} — "
                             f"possible information leakage (non-causal model?)")
+        n_classes = t['probs'].shape[1]
+        if m['val_loss'] > 2 * math.log(n_classes):  # twice a uniform guess's loss: the run diverged
+            warnings.append(f"{t['name']}: val loss {m['val_loss']:.4g} nats is over twice a uniform guess's "
+                            f"{math.log(n_classes):.3g} — the trial diverged; its predictions are no trained model's")
         if not t['history_ok']:
             warnings.append(f"{t['name']}: history missing or malformed: no training curve for this trial")
         acc = float((t['probs'].argmax(1) == t['targets']).mean())
@@ -103,39 +114,65 @@ def between_seed_pd(entries):
     return out
 
 
-def sanity_seeds(model, entries, ref, warnings):
+def floor_of(model, activations, ref, noise):
+    """(threshold below which a relative PD counts as 'the same computation', a function that
+    words a PD against what the threshold is based on): REPEAT_FACTOR x the measured repeat
+    noise of these groups where there is any, else SANITY_RATIO x the between-seed PD (a fixed
+    threshold: repeat noise not measured), else (None, None)."""
+    measured = [noise[(model, a)]['value'] for a in activations if (model, a) in (noise or {})]
+    if measured:
+        v = float(np.max(measured))
+        return REPEAT_FACTOR * v, lambda pd: (f"{pd / v:.2g}x the measured repeat noise {v:.2e}" if v > 0 else
+                                              f"the measured repeat noise is 0 (bitwise repeats)")
+    scales = [ref[a] for a in activations if a in ref]
+    if scales:
+        v = float(np.mean(scales))
+        return SANITY_RATIO * v, lambda pd: f"{pd / v:.3%} of the between-seed {v:.4f}"
+    return None, None
+
+
+def sanity_seeds(model, entries, ref, warnings, noise=None):
     """Two trials of one group whose seeds differ must not predict alike: flagged when no
-    probability differs by more than IDENTICAL_TOL, or when their relative PD is below
-    SANITY_RATIO of the model's between-seed relative PD (median over its activations)."""
-    scale = float(np.median(list(ref.values()))) if ref else None
+    probability differs by more than IDENTICAL_TOL, or when their relative PD is below the
+    floor (floor_of: the measured repeat noise, else a fixed fraction of the between-seed PD).
+    With repeat noise this works in a study of one activation too."""
     for e in entries:
         name = f"{model}/{e['activation']}"
+        floor, basis = floor_of(model, [e['activation']] if (model, e['activation']) in (noise or {}) else list(ref),
+                                ref, noise)
         seeds = {row['trial_id']: row.get('seeds') for row in e['trials']}
         for a, b, pd, mx in _seed_pairs(e):
             if mx <= IDENTICAL_TOL:
                 warnings.append(f"{name}: trials {a} and {b} give {'bitwise ' if mx == 0 else ''}identical predictions "
                                 f"although their seeds differ ({seeds[a]} vs {seeds[b]}) — seeds not applied")
-            elif scale and pd < SANITY_RATIO * scale:
-                warnings.append(f"{name}: trials {a} and {b} differ by relative PD {pd:.2e}, {pd / scale:.3%} of "
-                                f"{model}'s between-seed relative PD {scale:.4f}, although their seeds differ "
-                                f"({seeds[a]} vs {seeds[b]}) — seeds not applied")
+            elif floor and pd < floor:
+                warnings.append(f"{name}: trials {a} and {b} differ by relative PD {pd:.2e}, {basis(pd)}, although "
+                                f"their seeds differ ({seeds[a]} vs {seeds[b]}) — seeds not applied")
 
 
-def sanity_across_activations(model, groups, ref, warnings):
+def _called(trials, act):
+    """True if every trial records that act's function ran, False if one records it did not,
+    None if none recorded the calls."""
+    want = applied_function(act)
+    seen = [t['record']['activation_calls'].get(want, 0) > 0 for t in trials
+            if isinstance(t['record'].get('activation_calls'), dict)]
+    return None if not seen else all(seen)
+
+
+def sanity_across_activations(model, groups, ref, warnings, noise=None):
     """Trial k of activation a against trial k of activation b (same seeds, other function):
-    flagged when no probability differs by more than IDENTICAL_TOL, or when their relative PD
-    is below SANITY_RATIO of the two groups' between-seed relative PD — the activation was
-    probably never applied (aliases like silu/swish excepted). Also flags a model whose
-    between-seed PD is below SANITY_RATIO of what its activations differ by: seeds ignored
-    everywhere. And activations trained with different configs."""
+    below the floor (floor_of) the two predict like one computation. If the trials record that
+    both functions ran, that is a note (applied, but predicting almost alike: SmeLU with a
+    small beta against ReLU); otherwise the activation was probably never applied. Also flags
+    a model whose between-seed PD is below SANITY_RATIO of what its activations differ by:
+    seeds ignored everywhere. And activations trained with different configs."""
     acts, cross = sorted(groups), []
     for i, a in enumerate(acts):
         for b in acts[i + 1:]:
             if canonical_activation(a) == canonical_activation(b):
                 continue  # one function under two names: identical by design
             tb = {t['trial']: t for t in groups[b]}
-            scales = [ref[x] for x in (a, b) if x in ref]
-            scale = float(np.mean(scales)) if scales else None
+            floor, basis = floor_of(model, [a, b], ref, noise)
             hits = []
             for ta in groups[a]:
                 t2 = tb.get(ta['trial'])
@@ -145,9 +182,14 @@ def sanity_across_activations(model, groups, ref, warnings):
                 cross.append(pd)
                 if mx <= IDENTICAL_TOL:
                     hits.append(f"{ta['trial']} ({'bitwise ' if mx == 0 else ''}identical)")
-                elif scale and pd < SANITY_RATIO * scale:
-                    hits.append(f"{ta['trial']} (relative PD {pd:.2e}, {pd / scale:.3%} of the between-seed {scale:.4f})")
-            if hits:
+                elif floor and pd < floor:
+                    hits.append(f"{ta['trial']} (relative PD {pd:.2e}, {basis(pd)})")
+            if not hits:
+                continue
+            if _called(groups[a], a) and _called(groups[b], b):
+                warnings.append(f"note: {model}: {a} and {b} were both applied (the trials record both functions "
+                                f"running) but predict almost alike for trial(s) {', '.join(hits)}")
+            else:
                 warnings.append(f"{model}: activations {a} and {b} give (nearly) identical predictions for trial(s) "
                                 f"{', '.join(hits)} — activation probably not applied")
     seed_scale = float(np.median(list(ref.values()))) if ref else None
@@ -161,6 +203,68 @@ def sanity_across_activations(model, groups, ref, warnings):
     if keys:
         warnings.append(f"{model}: activations were trained with different configs ({', '.join(keys)} differ); "
                         f"comparing them is not like for like")
+
+
+def check_activation_calls(trials, warnings):
+    """The original study's bug, caught with no comparison at all: a trial whose named
+    activation's function never ran in a forward pass of the trained model is an error.
+    Trials saved before the trainer counted the calls are said once."""
+    unrecorded = []
+    for t in trials:
+        calls = t['record'].get('activation_calls')
+        if not isinstance(calls, dict):
+            unrecorded.append(t['name'])
+            continue
+        want = applied_function(t['activation'])
+        if not calls.get(want):
+            ran = ', '.join(f"{k} x{v}" for k, v in calls.items()) or 'no activation function'
+            warnings.insert(0, f"ERROR {t['name']}: {t['activation']} ({want}) was never called in a forward pass of "
+                               f"the trained model (called: {ran}) — the activation was not applied")
+    if unrecorded:
+        warnings.append(f"{len(unrecorded)} trial(s) record no activation calls (saved before the trainer counted "
+                        f"them): whether their activation ran is not checked (first: {unrecorded[0]})")
+
+
+MIXABLE = (('threads', 'threads'), ('device', 'device type'), ('device_name', 'device'),
+           ('torch_version', 'torch version'), ('cuda_version', 'CUDA version'))
+
+
+def check_mixed_settings(groups, warnings):
+    """What may legitimately differ between the trials of one group (threads, device, library
+    versions: not part of a trial's identity) changes float reductions, so a group that mixes
+    them measures that too, not only its seeds: named, with the trials."""
+    for model, acts in groups.items():
+        for act, trials in acts.items():
+            for key, what in MIXABLE:
+                by = {}
+                for t in trials:
+                    by.setdefault(str((t['record'].get('provenance') or {}).get(key)), []).append(t['trial'])
+                if len(by) > 1:
+                    warnings.append(f"{model}/{act}: trials ran with different {what} ("
+                                    + '; '.join(f"{v}: trial(s) {', '.join(map(str, ks))}" for v, ks in by.items())
+                                    + ") — their PD includes what that changes, not only the seeds")
+
+
+def check_trial_counts(groups, warnings):
+    for model, acts in groups.items():
+        ones = [a for a, ts in acts.items() if len(ts) < 2]
+        if ones:
+            warnings.append(f"{model}: {', '.join(ones)} ha{'s' if len(ones) == 1 else 've'} a single trial: no pair of "
+                            f"trials, so no reproducibility figure for {'it' if len(ones) == 1 else 'them'} "
+                            f"(train at least 2; intervals need 3)")
+
+
+def repeat_noise(repeats, groups):
+    """{(model, activation): {'value', 'n'}}: the mean relative PD between the group's trial 0
+    and its repeats (the same seeds, run again: <study>/repeats), i.e. what the hardware at hand
+    changes between two runs that should be identical (0 where it is bitwise deterministic)."""
+    out = {}
+    for r in repeats:
+        base = {t['trial']: t for t in groups.get(r['model'], {}).get(r['activation'], [])}.get(0)
+        if base is None or base['eval_hash'] != r['eval_hash']:
+            continue
+        out.setdefault((r['model'], r['activation']), []).append(float(metrics.relative_pd(base['probs'], r['probs'])))
+    return {k: {'value': float(np.mean(v)), 'n': len(v)} for k, v in out.items()}
 
 
 def check_streams(groups, warnings):

@@ -9,9 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import special, stats
 
 import analyze_results
+from activation_names import applied_function
 import metrics
 import plot_utils
 from conftest import ROOT
@@ -34,7 +35,7 @@ def make_probs(model, activation, trial, spread=0.5):
 
 
 def write_trial(study, model, act, k, probs=None, eval_hash=HASH, vary='all', seeds=None, task='lm',
-                train_loss=1.6, val_loss=1.7, config=None, eval_indices=None, causality=0.0):
+                train_loss=1.6, val_loss=1.7, config=None, eval_indices=None, causality=0.0, calls='named'):
     folder = study / model / act
     folder.mkdir(parents=True, exist_ok=True)
     probs = make_probs(model, act, k) if probs is None else probs
@@ -65,6 +66,8 @@ def write_trial(study, model, act, k, probs=None, eval_hash=HASH, vary='all', se
     }
     if causality is not None:  # the trainer's causality probe (older trainers wrote none)
         rec['metrics']['causality_max_change'] = causality
+    if calls is not None:  # the functions one forward pass called ('named': the activation's own; older: none)
+        rec['activation_calls'] = {applied_function(act): 2} if calls == 'named' else calls
     (folder / f'trial_{k}.json').write_text(json.dumps(rec))
     return rec
 
@@ -106,18 +109,24 @@ def test_clean_study_outputs_and_round_trip(study, tmp_path):
     assert r['avg_relative_pd'] == pytest.approx(np.mean([metrics.relative_pd(p[i], p[j]) for i, j in ((0, 1), (0, 2), (1, 2))]))
     assert r['avg_val_loss'] == pytest.approx(1.7) and r['std_val_loss'] == pytest.approx(0, abs=1e-12)
     assert r['avg_training_time'] == 3.0
-    # the interval is the leave-one-trial-out jackknife t-interval, recomputed here by hand
+    # the interval is the leave-one-trial-out jackknife t-interval on the metric's scale (logit for
+    # metrics in [0, 1], log for metrics >= 0), recomputed here by hand and transformed back
+    scales = {'logit': (special.logit, special.expit), 'log': (np.log, np.exp), 'linear': (np.asarray, np.asarray)}
     for m in metrics.PAIR_METRICS:
         v = r['pairwise'][m]['values']  # pairs (0, 1), (0, 2), (1, 2): leaving out trial i keeps one pair
-        loo = np.array([v[2], v[1], v[0]])
-        se = np.sqrt(2 / 3 * ((loo - loo.mean()) ** 2).sum())
-        half = stats.t.ppf(0.975, 2) * se
-        assert r['pairwise'][m]['ci'] == pytest.approx([np.mean(v) - half, np.mean(v) + half], abs=1e-12)
+        g, back = scales[metrics.PAIR_METRIC_SCALE[m]]
+        loo = g(np.array([v[2], v[1], v[0]]))
+        half = stats.t.ppf(0.975, 2) * 2 * np.std(loo, ddof=1) / np.sqrt(3)  # (n - 1) sd(loo) / sqrt(n)
+        centre = g(np.mean(v))
+        assert r['pairwise'][m]['ci'] == pytest.approx(back(np.array([centre - half, centre + half])), rel=1e-9)
         assert r['pairwise'][m]['ci_method'].startswith('leave-one-trial-out jackknife t-interval, 2 df')
-    vl = r['trial_stats']['val_accuracy']
-    accs = [float((p[k].argmax(1) == np.arange(N_EVAL) % N_CLASSES).mean()) for k in range(3)]
-    half = stats.t.ppf(0.975, 2) * np.std(accs, ddof=1) / np.sqrt(3)
-    assert vl['ci'] == pytest.approx([np.mean(accs) - half, np.mean(accs) + half]) and 't-interval' in vl['ci_method']
+        assert r['pairwise'][m]['ci'][0] >= 0 and (metrics.PAIR_METRIC_SCALE[m] != 'logit' or r['pairwise'][m]['ci'][1] <= 1)
+    vl = r['trial_stats']['val_accuracy']  # an accuracy: on the logit scale, inside [0, 1]
+    accs = np.array([float((p[k].argmax(1) == np.arange(N_EVAL) % N_CLASSES).mean()) for k in range(3)])
+    loo = special.logit((accs.sum() - accs) / 2)
+    half = stats.t.ppf(0.975, 2) * 2 * np.std(loo, ddof=1) / np.sqrt(3)
+    centre = special.logit(accs.mean())
+    assert vl['ci'] == pytest.approx(special.expit([centre - half, centre + half])) and 't-interval' in vl['ci_method']
     assert [t['trial_id'] for t in r['trials']] == [0, 1, 2] and r['trials'][0]['history']['iter'] == [0, 3, 6]
     cmp = [c for c in summary['comparisons'] if c['model'] == 'minigpt']
     assert {c['activation'] for c in cmp} == {'gelu', 'swish'}
@@ -131,7 +140,11 @@ def test_clean_study_outputs_and_round_trip(study, tmp_path):
         assert disp['ci'][0] < disp['difference'] < disp['ci'][1] and 'Welch' in disp['ci_method']
         # 3 + 3 trials: an exact test cannot go below p = 0.1, so nothing is detectable, and it says so
         assert disp['min_detectable_difference'] is None
-        assert disp['verdict'].startswith('no detectable difference at n = 3 + 3 trials') and '0.1' in disp['verdict']
+        # ... though equal spreads (which these are) can be shown equal within the margin (equivalence)
+        if c['equivalence']['equivalent']:
+            assert disp['verdict'].startswith('equally reproducible within ±25%')
+        else:
+            assert disp['verdict'].startswith('no detectable difference at n = 3 + 3 trials') and '0.1' in disp['verdict']
     # Holm runs over all comparisons of the study (both models), separately per test
     for test in ('dispersion', 'prediction_shift'):
         ps = [c[test]['p_value'] for c in summary['comparisons']]
@@ -175,10 +188,12 @@ def test_fewer_than_three_trials_give_no_interval(tmp_path):
 
 def test_identical_predictions_across_activations(study):
     for k in range(3):  # gelu's files carry relu's predictions: the activation was never used
-        write_trial(study, 'minigpt', 'gelu', k, probs=make_probs('minigpt', 'relu', k))
+        write_trial(study, 'minigpt', 'gelu', k, probs=make_probs('minigpt', 'relu', k), calls={'relu': 2})
     s = analyze_results.analyze(str(study), plots=False, verbose=False)
     hits = [w for w in s['warnings'] if 'activation probably not applied' in w]
     assert len(hits) == 1 and 'minigpt' in hits[0] and 'gelu' in hits[0] and 'relu' in hits[0]
+    # and each planted trial, on its own record: gelu never ran
+    assert len([w for w in s['warnings'] if w.startswith('ERROR minigpt/gelu') and 'never called' in w]) == 3
     assert len(s['results']) == 6 and entry(s, 'charlm', 'gelu')['avg_relative_pd'] > 0
     assert 'activation probably not applied' in (study / 'REPORT.md').read_text()
 
@@ -219,7 +234,7 @@ def jitter(probs, seed, rel=1e-4):
 def test_activation_equal_to_baseline_up_to_noise_is_flagged(study):
     # minigpt/gelu: relu's predictions, trial by trial, up to relative noise 1e-4 (not bitwise equal)
     for k in range(3):
-        write_trial(study, 'minigpt', 'gelu', k, probs=jitter(make_probs('minigpt', 'relu', k), 100 + k))
+        write_trial(study, 'minigpt', 'gelu', k, probs=jitter(make_probs('minigpt', 'relu', k), 100 + k), calls=None)
     s = analyze_results.analyze(str(study), plots=False, verbose=False)
     hits = [w for w in s['warnings'] if 'activation probably not applied' in w]
     assert len(hits) == 1 and hits[0].startswith('minigpt: activations gelu and relu')
@@ -236,7 +251,7 @@ def test_seeds_differing_only_by_noise_are_flagged(study):
         write_trial(study, 'charlm', 'gelu', k, probs=jitter(same, 200 + k))
     s = analyze_results.analyze(str(study), plots=False, verbose=False)
     hits = [w for w in s['warnings'] if 'seeds not applied' in w]
-    assert len(hits) == 3 and all(w.startswith('charlm/gelu: trials') and "% of charlm's between-seed" in w for w in hits)
+    assert len(hits) == 3 and all(w.startswith('charlm/gelu: trials') and '% of the between-seed' in w for w in hits)
     assert len(s['warnings']) == 3  # nothing else flagged
 
 

@@ -150,8 +150,18 @@ def test_sweep_engine_does_not_import_the_command_line():
 
 def test_data_layer_imports_nothing_above_it():
     assert reaches(EDGES, 'fileio') == set()
-    assert reaches(EDGES, 'mnist') == {'fileio'}
+    assert reaches(EDGES, 'mnist') == {'fileio', 'config', 'config_full_gpu'}
     assert reaches(EDGES, 'config') == {'config_full_gpu'} and reaches(EDGES, 'config_full_gpu') == set()
+
+
+def test_the_store_sits_below_the_trainer_and_the_library_never_imports_a_study():
+    """Trial records (store) below the trainer; the trainer (run_trial), models and data never
+    reach the plan, the designs, the engine or the command lines (docs/design.md)."""
+    assert reaches(EDGES, 'store') == {'config', 'config_full_gpu', 'fileio'}
+    study = {'plan', 'designs', 'sweep', 'run_all_experiments', 'analyze_results', 'time_estimate'}
+    for library in ('model_factories', 'prepare_data', 'checkpoint', 'trial_checks', 'device'):
+        assert not study & reaches(EDGES, library), library
+    assert not {'train', 'sweep', 'run_all_experiments'} & reaches(EDGES, 'plan')
 
 
 @pytest.mark.parametrize('module', TORCH_FREE)
