@@ -40,6 +40,7 @@ class Job:
     study: str                 # the study folder below results_dir (a grid design's cell: design/root/cell)
     config: Config
     state: store.State = store.State('new')
+    vary: str | None = None    # None: the run's --vary; 'none' for a repeat (the same seeds as trial 0)
 
     def key(self, results_dir):
         return store.TrialKey(results_dir, self.study, self.model, self.activation, self.trial)
@@ -264,6 +265,25 @@ def tasks_for(cells, kind, study_dir, data_dir, dry_run):
     return tasks, note
 
 
+def check_one_config(jobs, fulls, results_dir):
+    """A study holds one config (a grid design: one per cell): ValueError naming the first saved
+    trial of another config that the plan would not overwrite anyway (those are job_states')."""
+    planned = {job.key(results_dir).json for job in jobs}
+    by_study = {}
+    for job in jobs:
+        by_study.setdefault(job.key(results_dir).study_dir, fulls[config_key(job.config)])
+    for study_dir, full in by_study.items():
+        want = {k: v for k, v in full.to_dict().items() if not (k in data_fields(task_kind(full.dataset), full.epochs)
+                                                                and not v)}  # a dry run: not known yet
+        for path, saved in store.saved_configs(study_dir):
+            if path in planned:
+                continue
+            diffs = store.differences({'config': saved}, {'config': want})
+            if diffs:
+                raise ValueError(f"{study_dir} holds trials of another config (first: {show_path(path)}: "
+                                 f"{'; '.join(diffs[:3])}); a study holds one config: use another --study")
+
+
 def run_settings_for(opts, device):
     """How the trials will run, as train.run_settings records it in a checkpoint."""
     dev = torch.device(device)
@@ -280,7 +300,8 @@ def job_states(jobs, tasks, opts, run, force):
         task = tasks[config_key(job.config)]
         full = replace(job.config, **task.config_updates())
         key = job.key(opts.results_dir)
-        st = store.state(key, store.identity(task.kind, job.model, job.activation, job.trial, opts.vary, full), run)
+        ident = store.identity(task.kind, job.model, job.activation, job.trial, job.vary or opts.vary, full)
+        st = store.state(key, ident, run)
         if st.kind == 'different' and not force:
             conflicts.append((key, st))
         out.append(replace(job, state=st))
@@ -359,6 +380,8 @@ def make_plan(args, one_pair=False):
     for flag in ('workers', 'threads', 'trials_per_gpu'):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if getattr(args, 'repeats', 0) < 0:
+        raise ValueError(f"--repeats must be >= 0, got {args.repeats}")
     activations = pick_names(args.activations, base['activations'], [a for a in ACTIVATION_NAMES if a != 'silu'],
                              check_activation, 'activations')  # silu: an alias of swish
     for m in args.models or []:
@@ -391,6 +414,10 @@ def make_plan(args, one_pair=False):
                            preset=preset)
     jobs = [Job(m, a, k, '/'.join(p for p in (study, root, name) if p), cfg)
             for name, cfg in cells for m in models for a in activations for k in trial_ids]
+    # repeats: trial 0 of each group run again with the same seeds, for the analysis's repeat noise
+    jobs += [Job(m, a, k, '/'.join(p for p in (study, root, name, 'repeats') if p), cfg, vary='none')
+             for name, cfg in cells for m in models for a in activations for k in range(getattr(args, 'repeats', 0))]
+    check_one_config(jobs, fulls, results_dir)
     jobs = job_states(jobs, tasks, opts, run_settings_for(opts, devices[0]) if ray is None else None, args.force)
     grid = base.get('grid')
     return Plan(design=args.study if design else None, preset=preset, overrides=tuple(overrides), study=study,
@@ -433,6 +460,8 @@ def describe(plan):
              f"trial(s) = {n}: {len(plan.done)} done, {len(plan.to_run)} to run"
              + (f" ({len(plan.damaged)} damaged, to train again)" if plan.damaged else '')
              + (f" ({len(resumable)} resume from a checkpoint)" if resumable else '')
+             + (f"; {sum(1 for j in plan.jobs if j.vary)} of them repeats of trial 0 (same seeds)"
+                if any(j.vary for j in plan.jobs) else '')
              + f"; vary {plan.opts.vary}" + ('; deterministic' if plan.opts.deterministic else ''),
              f"  models: {' '.join(plan.models)}; activations: {' '.join(plan.activations)}",
              *([f"  grid: {' x '.join(f'{k} ' + ' '.join(f'{v:g}' for v in vs) for k, vs in plan.grid.items())} "

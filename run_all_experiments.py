@@ -88,6 +88,9 @@ def make_parser():
                         help='Ray: GPUs per trial, fractional allowed (default: 0; > 0 trains on CUDA)')
     parser.add_argument('--dry-run', action='store_true',
                         help='list the trials to run and those done, with an estimated time; train nothing')
+    parser.add_argument('--repeats', type=int, default=0, metavar='N',
+                        help='also run trial 0 of every pair N more times with the same seeds (in <study>/repeats): '
+                             'the repeat noise of this hardware, which the sanity rules then measure against')
     parser.add_argument('--no-analyze', action='store_true', help='do not run the analysis at the end')
     parser.add_argument('--baseline', default=None, help='analysis: activation compared against (default: relu)')
     parser.add_argument('--plots-dir', default=None, help='analysis: where plots go (default: <study>/plots)')

@@ -264,6 +264,22 @@ def state(key, ident, run=None):
     return State('done')
 
 
+def saved_configs(study_dir):
+    """(path, config dict) of every trial JSON saved in a study (its repeats too), unreadable
+    ones skipped (the validator reports those where they matter)."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(study_dir, '*', '*', 'trial_*.json'))
+                       + glob.glob(os.path.join(study_dir, 'repeats', '*', '*', 'trial_*.json'))):
+        try:
+            with open(path) as f:
+                cfg = json.load(f).get('config')
+            if isinstance(cfg, dict):
+                out.append((path, cfg))
+        except (OSError, ValueError, AttributeError):
+            continue
+    return out
+
+
 # ----------------------------------------------------------------------------- writing
 
 def save(key, arrays, record):

@@ -21,6 +21,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from dataclasses import replace
 from multiprocessing.connection import wait
 
 import torch
@@ -39,6 +40,8 @@ def run_job(job, opts):
     an Exception (KeyboardInterrupt and SystemExit pass: they stop the sweep)."""
     t0 = time.time()
     try:
+        if job.vary:  # a repeat: the same seeds as trial 0
+            opts = replace(opts, vary=job.vary)
         r = train.run_trial(job.model, job.activation, job.trial, job.config, job.study, opts)
         m = r['metrics']
         return {'ok': True, 'val_loss': m['val_loss'], 'val_accuracy': m['val_accuracy'],
