@@ -143,12 +143,13 @@ def sweep_level(k, args, runner, fpt, rate, work):
     busy = max(stamp(x['provenance']['finished_at']) for x in recs) - min(stamp(x['provenance']['started_at'])
                                                                          for x in recs)
     busy = busy.total_seconds()
-    tokens = sum(x['metrics']['tokens_per_sec'] * (x['metrics']['training_time'] - x['metrics']['eval_time'])
-                 for x in recs)  # training tokens (tokens_per_sec's own definition)
+    train_s = [x['metrics']['training_time'] - x['metrics']['eval_time'] for x in recs]
+    # training tokens, by tokens_per_sec's own definition (steps x tokens / training time without evaluation)
+    tokens = sum(x['metrics']['tokens_per_sec'] * t for x, t in zip(recs, train_s))
     rate_busy = tokens / busy
-    ms = sum((x['metrics']['training_time'] - x['metrics']['eval_time']) / x['metrics']['iters'] for x in recs) / k
-    return {'what': what, 'k': k, 'tokens_per_s': rate_busy, 'ms_per_step': ms * 1e3,
-            'sum_of_trial_tokens_per_s': sum(x['metrics']['tokens_per_sec'] for x in recs), 'mfu': fpt * rate_busy / (rate * 1e12) if rate else None,
+    return {'what': what, 'k': k, 'tokens_per_s': rate_busy, 'mfu': fpt * rate_busy / (rate * 1e12) if rate else None,
+            'ms_per_step': 1e3 * sum(t / x['metrics']['iters'] for x, t in zip(recs, train_s)) / k,
+            'sum_of_trial_tokens_per_s': sum(x['metrics']['tokens_per_sec'] for x in recs),
             'trials_per_min': 60 * k / busy, 'busy_s': busy, 'wall_s': r.seconds,
             'note': f"{60 * k / busy:.2f} trials/min over the trials' {busy:.1f} s ({60 * k / r.seconds:.2f} "
                     f"counting the command's {r.seconds:.1f} s)"}
@@ -226,7 +227,8 @@ def run_all(args, dev, runner, work, out, t0, save):
     config = get_config('gpu', vocab_size=VOCAB, **(QUICK_MODEL if args.quick else {}))
     with torch.device('meta'):  # the trials' model FLOPs per token, without allocating it
         fpt = flops_per_token(build_model('minigpt', 'gelu', config), config)
-    item(10 if args.quick else 60, 'all-in gpu-preset trial (train.py)', lambda: all_in_trial(args, runner, fpt, rate, work))
+    item(10 if args.quick else 60, 'all-in gpu-preset trial (train.py)',
+         lambda: all_in_trial(args, runner, fpt, rate, work))
     base = None
     for k in (QUICK_LEVELS if dev.type == 'cpu' else LEVELS):
         need = (base or 60) * (0.5 + 0.5 * k)  # each trial of a busier GPU slower: a generous guess

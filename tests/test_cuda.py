@@ -147,7 +147,7 @@ def test_vary_mode_changes_exactly_its_streams(mode, vary_run, figures):
     assert r0['provenance']['device'] == r1['provenance']['device'] == dev_type()
     differ = {s for s in STREAMS if r0['streams'][s] != r1['streams'][s]}
     figures(vary=mode, streams_that_differ=sorted(differ), device=r0['provenance'].get('device_name'))
-    assert differ == EXPECTED[mode], f"--vary {mode}: streams {sorted(differ)} differ, expected {sorted(EXPECTED[mode])}"
+    assert differ == EXPECTED[mode], f"--vary {mode}: {sorted(differ)} differ, expected {sorted(EXPECTED[mode])}"
 
 
 # the CUDA bug, planted: after the trainer seeds the dropout stream, the trial device's generator
@@ -329,21 +329,26 @@ def most_at_once(records):
 def test_same_trial_on_cpu_and_on_the_device_hardware_contribution(data, work, figures):
     """The same trial (--deterministic, float32: TF32 off) on the CPU and on the device; their
     relative PD is the hardware's contribution, reported beside the between-seed PD of the same
-    config (trials 0 and 1 on the device) and the PD of the default dtype (bfloat16 on CUDA).
-    On the CPU run of these checks the device is the CPU: the figures are the repeat's (0)."""
+    config (trials 0 and 1 on the device), the PD of the default dtype (bfloat16 on CUDA) from
+    the CPU trial, and on the device float32 without --deterministic (TF32 on, non-deterministic
+    kernels) against with it. On the CPU run of these checks the device is the CPU: those three
+    runs are the device run itself, and their figures 0."""
     sizes = SIZES if QUICK else gc.check_args(False, gc.HARDWARE)
     R = work / 'hardware'
     ok(sh(train(data, R, 'device', '--deterministic', '--dtype', 'float32', sizes=sizes)))
     if ON_CUDA:
         ok(sh(train(data, R, 'cpu', '--deterministic', '--dtype', 'float32', trials=1, device='cpu', sizes=sizes)))
         ok(sh(train(data, R, 'default', trials=1, sizes=sizes)))
-    (d0, p0), (_, p1) = gc.trial(R, 'device', 'minigpt', 'gelu', 0), gc.trial(R, 'device', 'minigpt', 'gelu', 1)
-    (c0, pc), (_, pa) = [gc.trial(R, s, 'minigpt', 'gelu', 0) for s in (('cpu', 'default') if ON_CUDA else
-                                                                        ('device', 'device'))]
+        ok(sh(train(data, R, 'tf32', '--dtype', 'float32', trials=1, sizes=sizes)))  # TF32 on: not deterministic
+    (d0, p0), (_, p1) = (gc.trial(R, 'device', 'minigpt', 'gelu', k) for k in (0, 1))
+    (c0, pc), (_, pa), (_, pt) = (gc.trial(R, s if ON_CUDA else 'device', 'minigpt', 'gelu', 0)
+                                  for s in ('cpu', 'default', 'tf32'))
     assert c0['eval_hash'] == d0['eval_hash'] and pc.shape == p0.shape  # comparable: the same inputs
-    hw, seeds, default = (float(metrics.relative_pd(a, b)) for a, b in ((pc, p0), (p0, p1), (pc, pa)))
-    figures(config=' '.join(map(str, sizes)), relative_pd_cpu_vs_device=hw, max_abs_diff_cpu_vs_device=float(
-        np.abs(pc - p0).max()), relative_pd_between_seeds=seeds, hardware_share_of_seed_pd=hw / seeds if seeds else None,
-        relative_pd_cpu_vs_device_default_dtype=default, val_loss_cpu=c0['metrics']['val_loss'],
-        val_loss_device=d0['metrics']['val_loss'])
-    assert np.isfinite([hw, seeds, default]).all() and seeds > 0
+    hw, seeds, default, tf32 = (float(metrics.relative_pd(a, b)) for a, b in ((pc, p0), (p0, p1), (pc, pa), (p0, pt)))
+    figures(config=' '.join(map(str, sizes)), relative_pd_cpu_vs_device=hw,
+            max_abs_diff_cpu_vs_device=float(np.abs(pc - p0).max()), relative_pd_between_seeds=seeds,
+            hardware_share_of_seed_pd=hw / seeds if seeds else None, relative_pd_cpu_vs_device_default_dtype=default,
+            relative_pd_device_float32_without_vs_with_deterministic=tf32,
+            val_loss_cpu=c0['metrics']['val_loss'], val_loss_device=d0['metrics']['val_loss'],
+            device_name=d0['provenance'].get('device_name'))
+    assert np.isfinite([hw, seeds, default, tf32]).all() and seeds > 0

@@ -13,6 +13,7 @@ import gpu_check as gc  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, 'benchmarks', 'gpu_check.sh')
 TIMEOUT = 1800  # a busy 2-core machine; it takes ~100 s on one shared by four
+ENV = {'PYTHON': sys.executable}  # the script's Python: this one, venv or not
 
 
 def report(out):
@@ -24,8 +25,11 @@ def report(out):
 
 def test_cpu_quick_run_passes_every_check_and_writes_its_report(tmp_path):
     out = str(tmp_path / 'report')
-    # a budget no machine reaches: every check must run and pass (the budget is tested below)
-    r = gc.run(['bash', SCRIPT, '--device', 'cpu', '--quick', '--out', out, '--budget', '7200'], timeout=TIMEOUT)
+    # a budget no machine reaches: every check must run and pass (the budget is tested below);
+    # no corpus where it looks, as on a GPU machine: the stand-in is made and said
+    env = {**ENV, 'REPRO_DATA_DIR': str(tmp_path / 'no_data')}
+    r = gc.run(['bash', SCRIPT, '--device', 'cpu', '--quick', '--out', out, '--budget', '7200'], env=env,
+               timeout=TIMEOUT)
     assert r.rc == 0, r
     j, md = report(out)
     tests = {t['test']: t['outcome'] for t in j['tests']}
@@ -33,6 +37,7 @@ def test_cpu_quick_run_passes_every_check_and_writes_its_report(tmp_path):
     assert {'test_killed_and_resumed_deterministic_trial_is_bitwise_an_uninterrupted_one',
             'test_two_workers_on_one_device_finish_every_trial_exactly_once'} <= set(tests)
     assert j['device']['device'] == 'cpu' and j['device']['torch'] and j['notes'] == []
+    assert j['corpus'].startswith('stand-in') and 'stand-in' in md
     assert any(f.get('resumed_from') == [4] for f in j['figures'])  # the figures came back from the tests
     rows = {r['what']: r for r in j['bench']['rows']}
     assert j['bench']['matmul']['tflops'] > 0
@@ -40,16 +45,19 @@ def test_cpu_quick_run_passes_every_check_and_writes_its_report(tmp_path):
                  'sweep, 1 trial(s) at once (--workers 1)', 'sweep, 2 trial(s) at once (--workers 2)'):
         assert rows[what]['tokens_per_s'] > 0 and rows[what]['mfu'] > 0, rows[what]
     assert '## Checks (tests/test_cuda.py)' in md and '| minigpt step, gpu preset |' in md
+    # what comes back from a GPU machine: at most 8 files, the reports among them
+    assert {'gpu_check.md', 'gpu_check.json'} <= set(os.listdir(out)) and len(os.listdir(out)) <= 8
 
 
 def test_with_no_time_left_it_stops_cleanly_and_still_reports(tmp_path):
     out = str(tmp_path / 'report')
-    r = gc.run(['bash', SCRIPT, '--device', 'cpu', '--quick', '--out', out, '--budget', '1'], timeout=TIMEOUT)
+    r = gc.run(['bash', SCRIPT, '--device', 'cpu', '--quick', '--out', out, '--budget', '1'], env=ENV, timeout=TIMEOUT)
     assert r.rc == 1, r  # not everything ran: not a pass
     j, md = report(out)
     assert j['tests'] and {t['outcome'] for t in j['tests']} == {'skipped'}
     assert all('time budget' in t['message'] for t in j['tests'])
-    assert j['bench']['rows'] and all(row['note'].startswith('not run: the time budget has') for row in j['bench']['rows'])
+    rows = j['bench']['rows']
+    assert rows and all(row['note'].startswith('not run: the time budget has') for row in rows), rows
     assert 'not run: the time budget has' in md
 
 
