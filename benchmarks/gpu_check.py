@@ -152,17 +152,19 @@ class ForkServer:
             self.p.stdin.write((json.dumps(req) + '\n').encode())
             self.p.stdin.flush()
             pid = self._line(60)['pid']
-            reply, note = self._line(timeout), ''
-            if reply is None:  # as Ctrl-C would: the trainer stops cleanly; then kill what is left
-                for sig, wait in ((signal.SIGINT, 15), (signal.SIGKILL, 60)):
-                    try:
-                        os.killpg(pid, sig)
-                    except ProcessLookupError:
-                        pass
-                    reply = self._line(wait)
-                    if reply is not None:
-                        break
-                note = f"\n[gpu_check: killed after {timeout:.0f} s]"
+            try:
+                reply, note = self._line(timeout), ''
+                if reply is None:  # as Ctrl-C would: the trainer stops cleanly; then kill what is left
+                    for sig, wait in ((signal.SIGINT, 15), (signal.SIGKILL, 60)):
+                        _kill_session(pid, sig)
+                        reply = self._line(wait)
+                        if reply is not None:
+                            break
+                    note = f"\n[gpu_check: killed after {timeout:.0f} s]"
+            except BaseException:  # Ctrl-C, a dead server: the command must not outlive this call
+                _kill_session(pid, signal.SIGKILL)
+                self.close()
+                raise
             with open(out) as f, open(err) as g:
                 o, e = f.read(), g.read() + note
         return Result(req['argv'], None if note else reply['rc'], o, e, time.time() - t0)
@@ -176,6 +178,13 @@ class ForkServer:
                 self.p.wait(30)
             except subprocess.TimeoutExpired:
                 _kill_group(self.p)
+
+
+def _kill_session(pid, sig):
+    try:
+        os.killpg(pid, sig)  # a forked command leads a session of its own: its group
+    except ProcessLookupError:
+        pass
 
 
 def serve():
@@ -214,13 +223,12 @@ def _child(req):
         os.environ.update(req['env'])
         os.chdir(req['cwd'])
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        argv = req['argv'][1:]
-        sys.argv = argv
+        argv = req['argv'][1:]  # without the interpreter
         if argv[0] == '-c':
             sys.argv = ['-c'] + argv[2:]
             exec(compile(argv[1], '<string>', 'exec'), {'__name__': '__main__'})
         else:
-            sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+            sys.argv, sys.path[0] = argv, os.path.dirname(os.path.abspath(argv[0]))
             runpy.run_path(argv[0], run_name='__main__')
         code = 0
     except SystemExit as e:
@@ -428,8 +436,10 @@ def check(args, argv, out, work, t0):
               'notes': notes}
     with open(os.path.join(out, 'gpu_check.json'), 'w') as f:
         json.dump(report, f, indent=1, default=str)
+    text = markdown(report)
     with open(os.path.join(out, 'gpu_check.md'), 'w') as f:
-        f.write(markdown(report))
+        f.write(text)
+    print(text, flush=True)  # the report in the log too: a remote run's output alone settles it
     print(f"gpu_check: {len(outcomes)} checks ({', '.join(f'{n} {k}' for k, n in counts(outcomes).items())}), "
           f"{report['total_s']:.0f} s; report {os.path.join(out, 'gpu_check.md')}", flush=True)
     # settled only when every check passed and every benchmark item ran
