@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import fields
 from datetime import datetime
 
 import numpy as np
@@ -28,8 +29,8 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 import gpu_check as gc  # noqa: E402
 import metrics  # noqa: E402
-from config import get_config  # noqa: E402
-from model_factories import MODEL_NAMES, check_memory  # noqa: E402
+from config import Config, get_config  # noqa: E402
+from model_factories import MODEL_NAMES, check_memory, estimate_memory  # noqa: E402
 
 DEVICE = os.environ.get(gc.ENV_DEVICE) or 'cuda'
 ON_CUDA = DEVICE.startswith('cuda')
@@ -229,8 +230,11 @@ def test_default_dtype_trains_every_language_model(model, lm_sweep, work, figure
     (r0, p0), (r1, p1) = two_trials(work, lm_sweep('auto'), 'auto', model)
     m = r0['metrics']
     rows = float(np.abs(p0.astype(np.float64).sum(1) - 1).max())
+    # the memory check's estimate (float32) beside the peak measured (CUDA: allocated; CPU: the process's RSS)
+    config = get_config('cpu', **{k: v for k, v in r0['config'].items() if k in {f.name for f in fields(Config)}})
     figures(model=model, dtype=r0['dtype'], val_loss=m['val_loss'], causality_max_change=m['causality_max_change'],
-            row_sum_max_error=rows, peak_memory_mb=m['peak_memory_mb'],
+            row_sum_max_error=rows, peak_memory_mb=m['peak_memory_mb'], peak_memory_kind=m.get('peak_memory_kind'),
+            memory_estimate_mb=estimate_memory(model, 'gelu', config)['total'] / 2 ** 20,
             repeat_max_abs_diff=float(np.abs(p0 - p1).max()), repeat_relative_pd=float(metrics.relative_pd(p0, p1)))
     assert r0['dtype'] == ('bfloat16' if ON_CUDA and torch.cuda.is_bf16_supported() else 'float32')
     losses = [m['train_loss'], m['val_loss']] + r0['history']['train_loss'] + r0['history']['val_loss']
