@@ -41,7 +41,6 @@ from importlib.metadata import version
 import numpy as np
 import torch
 import torch.nn.functional as F
-from mnist1d.data import get_dataset_args, make_dataset
 
 from config import CLASSIFICATION_DATASETS, Config
 from fileio import DataError, atomic_write, data_dir, fetch_verified
@@ -157,6 +156,13 @@ def _arrays_sha256(arrays):
 def generate_mnist1d():
     """MNIST-1D from mnist1d.data.make_dataset with its default arguments. No network: only
     mnist1d's get_dataset downloads. Global numpy / random states are left as they were."""
+    # mnist1d is an optional dependency needed only here, not a cycle: imported when MNIST-1D
+    # is asked for, so the language-model path runs where it is not installed (a GPU image)
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise DataError("dataset mnist1d needs the package mnist1d, which is not installed: "
+                        "pip install mnist1d (or use --dataset mnist / a text corpus)") from None
     pkg_version = version('mnist1d')
     args = get_dataset_args()
     np_state, py_state = np.random.get_state(), random.getstate()
