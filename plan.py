@@ -21,7 +21,7 @@ import store
 from activation_names import ACTIVATION_NAMES, check_activation
 from config import Config, RunOptions, data_fields, get_config, lower_bound_config, task_kind
 from designs import DEFAULT_GRID, DESIGNS, GRID_FLAGS, cells as design_cells, study_names
-from device import autocast_dtype, resolve_device
+from device import autocast_dtype, dtype_name, resolve_device
 from fileio import data_dir as resolve_data_dir
 from model_factories import CLASSIFIER_NAMES, MODEL_NAMES, build_model, check_memory, check_model, model_kind
 from prepare_data import make_task
@@ -289,19 +289,22 @@ def run_settings_for(opts, device):
     dev = torch.device(device)
     amp = autocast_dtype(opts.dtype, dev)
     return {'device': dev.type, 'dtype': str(amp), 'compile': opts.compile, 'deterministic': opts.deterministic,
-            'threads': opts.threads or torch.get_num_threads()}
+            'threads': opts.threads or torch.get_num_threads(), 'dtype_name': dtype_name(amp)}
 
 
 def job_states(jobs, tasks, opts, run, force):
     """Each job with its store.State; ValueError naming the first result of another identity
-    (never overwritten unless force)."""
+    (never overwritten unless force). run: how the trials will run (run_settings_for), None
+    with Ray (the nodes decide: the dtype is then not compared here, the trainer compares it)."""
     out, conflicts = [], []
     for job in jobs:
         task = tasks[config_key(job.config)]
         full = replace(job.config, **task.config_updates())
         key = job.key(opts.results_dir)
-        ident = store.identity(task.kind, job.model, job.activation, job.trial, job.vary or opts.vary, full)
-        st = store.state(key, ident, run)
+        ident = store.identity(task.kind, job.model, job.activation, job.trial, job.vary or opts.vary, full,
+                               run and run['dtype_name'], opts.deterministic, opts.compile,
+                               getattr(task, 'eval_hash', None))
+        st = store.state(key, ident, run and {k: v for k, v in run.items() if k != 'dtype_name'})
         if st.kind == 'different' and not force:
             conflicts.append((key, st))
         out.append(replace(job, state=st))

@@ -103,29 +103,38 @@ def trial_seeds(seed_base, trial, vary):
             'dropout': s if vary in ('all', 'dropout') else seed_base}
 
 
-def identity(task_kind, model, activation, trial, vary, config):
-    """What a saved result must match to count as this trial; `config`: the run's Config with
-    the data's fields filled in (Task.config_updates)."""
+# identity entries added after results were saved, at the value those results ran with
+IDENTITY_DEFAULTS = {'compile': False}
+
+
+def identity(task_kind, model, activation, trial, vary, config, dtype=None, deterministic=False, compile=False,
+             eval_hash=None):
+    """What a saved result must match to count as this trial: everything that determines its
+    result. `config`: the run's Config with the data's fields filled in (Task.config_updates);
+    dtype: the computation's ('float32', 'bfloat16', ...); eval_hash: the evaluation set's
+    (prepare_data). None where not known yet (a dry run reads no data): not compared. What may
+    differ inside a group (threads, device, library versions) is provenance, not identity:
+    the analysis warns when a group mixes them (sanity.check_mixed_settings)."""
     return {'task': task_kind, 'model': model, 'activation': activation, 'trial': trial,
-            'vary': vary, 'seeds': trial_seeds(config.seed_base, trial, vary), 'config': config.to_dict()}
+            'vary': vary, 'seeds': trial_seeds(config.seed_base, trial, vary), 'config': config.to_dict(),
+            'dtype': dtype, 'deterministic': deterministic, 'compile': compile, 'eval_hash': eval_hash}
 
 
 def differences(old, new):
     """'key: old -> new' for each identity entry that differs. A Config field added after the
-    old result was saved is no difference while it is at its default."""
+    old result was saved is no difference while it is at its default; so is an identity entry
+    added later (IDENTITY_DEFAULTS); an entry not known yet (None) is not compared."""
     out = []
     for key, value in new.items():
+        if value is None:
+            continue
         if key == 'config':
             old_cfg = old.get('config') or {}
             out += [f"{k}: {old_cfg.get(k)!r} -> {v!r}" for k, v in value.items() if old_cfg.get(k) != v
                     and (k in old_cfg or v != getattr(Config, k, None))]
-        elif old.get(key) != value:
+        elif old.get(key, IDENTITY_DEFAULTS.get(key)) != value:
             out.append(f"{key}: {old.get(key)!r} -> {value!r}")
     return out
-
-
-def digest(obj):
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- the validator
@@ -226,14 +235,17 @@ class State:
 
 
 def checkpoint_iteration(key, ident):
-    """The iteration of the trial's checkpoint if its metadata says it belongs to `ident`, else None.
-    (checkpoint.py checks the checkpoint itself when it loads it.)"""
+    """The iteration of the trial's checkpoint if its metadata says it belongs to `ident` (the
+    trial's identity plus 'run', how it runs), else None. checkpoint.py checks the checkpoint
+    itself when it loads it; this is what a dry run, which reads no data, can know."""
     try:
         with open(key.ckpt_meta) as f:
             meta = json.load(f)
-        if os.path.exists(key.ckpt) and meta.get('identity_digest') == digest(ident):
+        saved = meta['identity']
+        if (os.path.exists(key.ckpt) and not differences(saved, {k: v for k, v in ident.items() if k != 'run'})
+                and saved.get('run') == ident.get('run')):
             return int(meta['iter'])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     return None
 
@@ -310,7 +322,7 @@ def discard_checkpoint(key):
 
 
 def write_checkpoint_meta(key, it, ident):
-    write_json(key.ckpt_meta, {'version': CKPT_META_VERSION, 'iter': it, 'identity_digest': digest(ident)})
+    write_json(key.ckpt_meta, {'version': CKPT_META_VERSION, 'iter': it, 'identity': ident})
 
 
 def set_aside_damaged(key, why):

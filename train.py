@@ -220,7 +220,8 @@ def run_trial(model_name, activation, trial, config, study, opts=RunOptions()):
         raise ValueError(f"model {model_name!r} trains on {model_kind(model_name)} data, but dataset "
                          f"{config.dataset!r} is a {task.kind} task")
     config = replace(config, **task.config_updates())
-    ident = store.identity(task.kind, model_name, activation, trial, opts.vary, config)
+    ident = store.identity(task.kind, model_name, activation, trial, opts.vary, config, dtype_name(amp_dtype),
+                           opts.deterministic, opts.compile, task.eval_hash)
     state = store.state(key, ident)
     if state.kind == 'done' and not opts.force:
         store.discard_checkpoint(key)  # a kill between the JSON and its removal
@@ -256,9 +257,7 @@ def run_trial(model_name, activation, trial, config, study, opts=RunOptions()):
     train(r, s, t_start)
     metrics, arrays, calls = evaluate_trained(r, s)
     record = {'schema_version': store.SCHEMA_VERSION, 'source': 'measured', 'study': key.study,
-              'preset': opts.preset, **ident,
-              'deterministic': opts.deterministic, 'dtype': dtype_name(amp_dtype),
-              'data': task.data_info, 'eval_hash': task.eval_hash,
+              'preset': opts.preset, **ident, 'data': task.data_info,
               'streams': s.streams, 'activation_calls': calls, 'metrics': metrics, 'history': s.history, 'resumed_from': s.resumed_from,
               'provenance': {**provenance(dev, opts.deterministic), 'started_at': s.started_at,
                              'finished_at': datetime.datetime.now().astimezone().isoformat()}}
