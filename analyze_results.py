@@ -27,6 +27,7 @@ import sys
 
 import numpy as np
 
+import cli
 import ffn_report
 import metrics
 import over_training
@@ -34,8 +35,8 @@ import plot_utils
 import routing_metrics
 import sanity
 import store
-from comparisons import compare_to_baseline, holm_and_verdicts, n_dispersion_tests
 from cli import EXIT_INTERRUPT, check_writable, error_line, exit_code, exit_help
+from comparisons import compare_to_baseline, holm_and_verdicts, n_dispersion_tests
 from config import Parser
 from fileio import AnalysisError, is_number, json_ready, write_json, write_text
 from report import render_compare, render_report
@@ -190,13 +191,14 @@ def routing_agreement(name, trials, ids, warnings):
 
 # ----------------------------------------------------------------------------- the whole study
 
-def build_summary(study_dir, baseline=None, loaded=None, margin=metrics.EQUIVALENCE_MARGIN, snapshots=None):
+def build_summary(study_dir, baseline=None, loaded=None, margin=None, snapshots=None):
     """The summary dict of a study, in memory (nothing written). baseline=None: relu where the
     study has it; a name the study does not have raises AnalysisError. loaded: what
     load_study(study_dir) returned, if the caller has it already. margin: of the equivalence
     test, relative to the baseline's mean PD; snapshots: (early, late) iterations to compare
     (default: the first after 0 and the last)."""
     trials, bad, failures = loaded or load_study(study_dir)
+    margin = metrics.EQUIVALENCE_MARGIN if margin is None else margin
     if not trials:
         raise AnalysisError(no_trials_message(study_dir, bad))
     groups = {}
@@ -295,8 +297,7 @@ def build_summary(study_dir, baseline=None, loaded=None, margin=metrics.EQUIVALE
 
 # ----------------------------------------------------------------------------- writing
 
-def analyze(study_dir, plots_dir=None, baseline=None, plots=True, verbose=True, margin=metrics.EQUIVALENCE_MARGIN,
-            snapshots=None):
+def analyze(study_dir, plots_dir=None, baseline=None, plots=True, verbose=True, margin=None, snapshots=None):
     """Analyse a study folder: write summary.json and REPORT.md in it and the plots in
     plots_dir (default <study_dir>/plots); return the summary dict. Raises AnalysisError on
     input it cannot use, before writing anything."""
@@ -335,6 +336,29 @@ def summary_figures(study_dir):
 COMPARED = ('relative_pd', 'val_loss', 'val_accuracy')
 
 
+def _side(r):
+    return {'relative_pd': r['avg_relative_pd'] if r else None, 'val_loss': r['avg_val_loss'] if r else None,
+            'val_accuracy': r['avg_val_accuracy'] if r else None, 'n_trials': r['n_trials'] if r else 0}
+
+
+def _change(ra, rb, metric):
+    """The change b - a of one group's metric with its interval (metrics.difference_interval)
+    from the trials themselves, or None where one study has no value."""
+    if not ra or not rb:
+        return None
+    if metric == 'relative_pd':
+        if not ra['pairwise'] or not rb['pairwise']:
+            return None
+        mats = []
+        for r in (ra, rb):
+            ids = {k: i for i, k in enumerate(r['trial_ids'])}
+            pairs = np.array([[ids[x], ids[y]] for x, y in r['pairwise']['pairs']])
+            mats.append(metrics.pair_matrix(len(ids), pairs, np.array(r['pairwise']['relative_pd']['values'])))
+        return metrics.difference_interval(*mats)
+    values = [[t[metric] for t in r['trials']] for r in (ra, rb)]
+    return metrics.difference_interval(*values) if all(is_number(v) for vs in values for v in vs) else None
+
+
 def compare_studies(dir_a, dir_b, out_dir=None, plots_dir=None, verbose=True):
     """Side-by-side table and plot of mean relative PD, val loss and val accuracy per model x
     activation of two studies, with the change (b - a). Writes compare.json and COMPARE.md to
@@ -346,21 +370,21 @@ def compare_studies(dir_a, dir_b, out_dir=None, plots_dir=None, verbose=True):
                                       f"compare_{name_a}_vs_{name_b}".replace(os.sep, '_'))
     differences = config_differences(sa, sb)
 
-    def side(r):
-        return {'relative_pd': r['avg_relative_pd'] if r else None, 'val_loss': r['avg_val_loss'] if r else None,
-                'val_accuracy': r['avg_val_accuracy'] if r else None, 'n_trials': r['n_trials'] if r else 0}
     index = [{(r['model_name'], r['activation']): r for r in s['results']} for s in (sa, sb)]
     rows = []
     for key in sorted(set(index[0]) | set(index[1])):
-        a, b = side(index[0].get(key)), side(index[1].get(key))
+        ra, rb = index[0].get(key), index[1].get(key)
+        a, b = _side(ra), _side(rb)
         rows.append({'model': key[0], 'activation': key[1], 'a': a, 'b': b,
-                     'change': {k: b[k] - a[k] if a[k] is not None and b[k] is not None else None for k in COMPARED}})
+                     'change': {k: b[k] - a[k] if a[k] is not None and b[k] is not None else None for k in COMPARED},
+                     'change_interval': {k: _change(ra, rb, k) for k in COMPARED}})
     comparison = {'schema_version': SCHEMA_VERSION, 'study_a': name_a, 'study_b': name_b, 'rows': rows,
                   'compared': list(COMPARED),
                   'dir_a': os.path.abspath(dir_a), 'dir_b': os.path.abspath(dir_b), 'config_differences': differences,
                   'warnings': [f"{name_a}: {w}" for w in sa['warnings']] + [f"{name_b}: {w}" for w in sb['warnings']],
                   'provenance': {name_a + ' (a)': sa['provenance'], name_b + ' (b)': sb['provenance']}}
-    fig = plot_utils.comparison_plot(rows, name_a, name_b)
+    fig = plot_utils.comparison_plot(rows, name_a, name_b, warning=(
+        f"not like for like: the studies differ in {', '.join(k for k, _, _ in differences)}" if differences else None))
     write_json(os.path.join(out_dir, 'compare.json'), comparison)
     write_text(os.path.join(out_dir, 'COMPARE.md'), render_compare(comparison))
     plot_utils.save_figure(fig, os.path.join(plots_dir or out_dir, 'compare.png'))
@@ -377,37 +401,6 @@ def compare_studies(dir_a, dir_b, out_dir=None, plots_dir=None, verbose=True):
 
 # ----------------------------------------------------------------------------- command line
 
-def snapshot_pair(text):
-    """'500,5000' -> (500, 5000), for --compare-snapshots."""
-    try:
-        early, late = (int(x) for x in text.split(','))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two iterations as EARLY,LATE (e.g. 250,2000), got {text!r}")
-    if not 0 <= early < late:
-        raise argparse.ArgumentTypeError(f"expected EARLY < LATE, got {text!r}")
-    return early, late
-
-
-def margin_value(text):
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) such as 0.25, got {text!r}")
-    return v
-
-
-def add_analysis_args(parser):
-    """The analysis's own flags, shared with run_all_experiments.py."""
-    parser.add_argument('--equivalence-margin', type=margin_value, default=metrics.EQUIVALENCE_MARGIN, metavar='F',
-                        help=f"equivalence test: 'equally reproducible' within ±F of the baseline's mean relative PD "
-                             f"(default {metrics.EQUIVALENCE_MARGIN:g}; docs/analysis.md says why)")
-    parser.add_argument('--compare-snapshots', dest='snapshots', type=snapshot_pair, default=None, metavar='EARLY,LATE',
-                        help='the two snapshot iterations whose relative PD is compared (default: the first after 0 '
-                             'and the last)')
-
-
 def main(argv=None):
     parser = Parser(description='Reproducibility analysis of saved trials (no training).', epilog=exit_help(),
                     formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -418,7 +411,7 @@ def main(argv=None):
                         '(default: relu where the study has it)')
     parser.add_argument('--plots-only', action='store_true', help='redraw the plots from <results-dir>/summary.json')
     parser.add_argument('--no-plots', action='store_true', help='write summary.json and REPORT.md only')
-    add_analysis_args(parser)
+    cli.add_analysis_args(parser)
     parser.add_argument('--compare', nargs=2, metavar=('DIR_A', 'DIR_B'), help='compare two study folders')
     parser.add_argument('--out-dir', default=None, help='--compare: where compare.json and COMPARE.md go '
                         '(default: <parent of DIR_A>/compare_<A>_vs_<B>)')
@@ -448,7 +441,7 @@ def main(argv=None):
             print(f"wrote {len(paths)} plots in {plots_dir}")
         else:
             analyze(args.results_dir, args.plots_dir, args.baseline, plots=not args.no_plots,
-                    margin=args.equivalence_margin, snapshots=args.snapshots)
+                    margin=args.equivalence_margin, snapshots=args.compare_snapshots)
     except KeyboardInterrupt:
         parser.exit(EXIT_INTERRUPT, "interrupted: outputs are written whole or not at all\n")
     except (AnalysisError, OSError) as e:  # AnalysisError is a ValueError: a usage error

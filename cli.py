@@ -5,6 +5,7 @@ convention mapped from exceptions in one place, one-line messages for operating-
 errors, a check that a results folder can be written before anything runs, progress lines
 for logs, and a Ctrl-C that stops promptly. No torch: the analysis side imports it too.
 """
+import argparse
 import os
 import signal
 import sys
@@ -231,3 +232,36 @@ def run_options(args, **changes):
                               save_checkpoints=args.save_checkpoints, force=args.force,
                               threads=args.threads, checkpoint_every=args.checkpoint_every,
                               snapshots=args.snapshots), **changes)
+
+
+# ----------------------------------------------------------------------------- analysis flags
+
+def _fraction(text):
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) such as 0.25, got {text!r}")
+    return v
+
+
+def _snapshot_pair(text):
+    """'500,5000' -> (500, 5000)."""
+    try:
+        early, late = (int(x) for x in text.split(','))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two iterations as EARLY,LATE (e.g. 250,2000), got {text!r}")
+    if not 0 <= early < late:
+        raise argparse.ArgumentTypeError(f"expected EARLY < LATE, got {text!r}")
+    return early, late
+
+
+def add_analysis_args(parser):
+    """The analysis's own flags (analyze_results.py and run_all_experiments.py)."""
+    parser.add_argument('--equivalence-margin', type=_fraction, default=None, metavar='F',
+                        help="equivalence test: 'equally reproducible' within ±F of the baseline's mean relative PD "
+                             "(default: metrics.EQUIVALENCE_MARGIN, 0.25; docs/analysis.md says why)")
+    parser.add_argument('--compare-snapshots', type=_snapshot_pair, default=None,
+                        metavar='EARLY,LATE', help='the two snapshot iterations whose relative PD is compared '
+                                                   '(default: the first after 0 and the last)')

@@ -682,6 +682,32 @@ def exchangeability_test(d, ia, ib, contrast='shift', n_resamples=N_PERMUTATIONS
     return out
 
 
+def difference_interval(a, b, confidence=CONFIDENCE):
+    """b - a for two independent groups of trials, with a Welch t-interval: a and b are either
+    per-trial values (a mean over trials) or [T, T] pair matrices (a mean over pairs: jackknife
+    standard errors from pseudo_values). {'difference', 'ci', 'ci_method', 'ci_note'}; no
+    interval below MIN_TRIALS_FOR_CI trials on a side, and the note says so."""
+    out = {'difference': None, 'ci': None, 'ci_method': None, 'ci_note': None}
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    pairs = a.ndim == 2
+    if pairs:
+        (ua, _), (ub, _) = _loo_means(a), _loo_means(b)
+        out['difference'] = float(ub - ua)
+    else:
+        out['difference'] = float(b.mean() - a.mean())
+    n = min(len(a), len(b))
+    if n < MIN_TRIALS_FOR_CI:
+        out['ci_note'] = f"no interval possible: {n} trial(s) on one side; an interval needs at least {MIN_TRIALS_FOR_CI}"
+        return out
+    pa, pb = (pseudo_values(a), pseudo_values(b)) if pairs else (a, b)
+    va, vb = pa.var(ddof=1) / len(pa), pb.var(ddof=1) / len(pb)
+    df = _welch_df(va, len(pa) - 1, vb, len(pb) - 1)
+    out.update(ci=_t_interval(out['difference'], math.sqrt(va + vb), df, confidence),
+               ci_method=f"Welch t-interval ({df:.1f} df) from " + ("jackknife standard errors over trials"
+                                                                    if pairs else "the trials' values"))
+    return out
+
+
 def holm(p_values):
     """Holm's step-down adjustment of a list of p-values (None entries are skipped and stay
     None): controls the family-wise error rate over the list's tests."""

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import torch
 
+import model_names
 from activations import ACTIVATION_NAMES, check_activation
 from cli import EXIT_HELP, EXIT_USAGE
 from config import Parser, add_config_args, config_from_args
@@ -24,6 +25,8 @@ MODEL_NAMES = list(MODELS)  # the language models (tests iterate over these)
 CLASSIFIERS = {'ffn': FFN}
 CLASSIFIER_NAMES = list(CLASSIFIERS)
 ALL_MODEL_NAMES = MODEL_NAMES + CLASSIFIER_NAMES
+if tuple(ALL_MODEL_NAMES) != model_names.ALL_MODELS:  # a model added here must be named there (for --help)
+    raise ImportError(f"model_names.py lists {model_names.ALL_MODELS}, the registry has {tuple(ALL_MODEL_NAMES)}")
 _BUILDERS = {**MODELS, **CLASSIFIERS}
 
 

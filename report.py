@@ -300,5 +300,17 @@ def render_compare(c):
            "|---|---|---|" + "---|---|---|" * len(compared)]
     for r in c['rows']:
         md.append(f"| {r['model']} | {r['activation']} | {r['a']['n_trials']} / {r['b']['n_trials']} | " +
-                  " | ".join(f"{num(r['a'][k])} | {num(r['b'][k])} | {num(r['change'][k])}" for k in compared) + " |")
+                  " | ".join(f"{num(r['a'][k])} | {num(r['b'][k])} | {_change_cell(r, k)}" for k in compared) + " |")
+    md += ["", "Changes carry a 95% Welch interval over the two studies' trials (relative PD: from jackknife "
+           "standard errors); † none possible: fewer than 3 trials on a side. Two studies are two experiments: "
+           "a change is no effect of the setting that differs unless the studies differ in nothing else."]
     return "\n".join(md) + "\n"
+
+
+def _change_cell(row, k):
+    iv = (row.get('change_interval') or {}).get(k)
+    if row['change'][k] is None:
+        return '—'
+    if iv and iv.get('ci'):
+        return f"{num(row['change'][k])} [{num(iv['ci'][0])}, {num(iv['ci'][1])}]"
+    return f"{num(row['change'][k])} †"

@@ -13,22 +13,15 @@ docs/trials-and-resume.md.
     python run_all_experiments.py --study mnist_ffn --task mnist1d --gated-width matched  # the FFN study
 """
 import argparse
-import glob
-import os
 import sys
-import time
 
-import analyze_results
 import cli
-import plan as planning
-import store
-import sweep
-from activation_names import ACTIVATION_NAMES
+from activation_names import ACTIVATION_NAMES, check_activation
 from config import Parser
 from designs import DEFAULT_GRID, DESIGNS, study_names
-from fileio import DataError
-from model_factories import CLASSIFIER_NAMES, MODEL_NAMES
-from plan import RAY_INSTALL
+from model_names import ALL_MODELS
+
+RAY_INSTALL = 'pip install "ray[default]"'
 
 
 # ----------------------------------------------------------------------------- command line
@@ -64,7 +57,7 @@ def make_parser():
     parser = Parser(description='Run a study: models x activations x seeded trials, then the analysis.',
                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', metavar='NAME',
-                        help=f"'all' or model names (valid: {', '.join(MODEL_NAMES + CLASSIFIER_NAMES)}; "
+                        help=f"'all' or model names (valid: {', '.join(ALL_MODELS)}; "
                              f"default: the design's, else {' '.join(DEFAULT_GRID['models'])})")
     parser.add_argument('--activations', nargs='+', metavar='NAME',
                         help=f"'all' or activation names (valid: {', '.join(ACTIVATION_NAMES)}, smelu_<beta>; "
@@ -94,6 +87,7 @@ def make_parser():
     parser.add_argument('--no-analyze', action='store_true', help='do not run the analysis at the end')
     parser.add_argument('--baseline', default=None, help='analysis: activation compared against (default: relu)')
     parser.add_argument('--plots-dir', default=None, help='analysis: where plots go (default: <study>/plots)')
+    cli.add_analysis_args(parser)
     grid = parser.add_argument_group('grid designs (mnist_ffn)')
     grid.add_argument('--task', default=None, choices=('mnist1d', 'mnist'),
                       help="the dataset of the mnist_ffn design (default: the preset's, mnist1d; mnist is "
@@ -109,63 +103,9 @@ def make_parser():
 
 def check_analysis_args(args):
     """The analysis's flags, checked before the first trial rather than after the last."""
-    if args.no_analyze and (args.baseline or args.plots_dir):
-        raise ValueError("--baseline and --plots-dir are for the analysis, which --no-analyze turns off")
-
-
-def check_baseline(args, p):
-    if args.baseline is None:
-        return
-    cells = ['*'] if p.grid else []  # a grid design's cells are study folders inside it
-    saved = {os.path.basename(q) for q in glob.glob(os.path.join(p.study_dir, *cells, '*', '*')) if os.path.isdir(q)}
-    valid = sorted(set(p.activations) | saved)
-    if args.baseline not in valid:
-        raise ValueError(f"--baseline {args.baseline!r} is not an activation of this study; valid: {', '.join(valid)}")
-
-
-def analyze_study(p, args):
-    """Run the analysis quietly (its warnings go to stderr); returns (ok, a phrase for the
-    sweep's closing line or None)."""
-    kwargs = {'plots_dir': args.plots_dir}
-    if args.baseline:
-        kwargs['baseline'] = args.baseline
-    try:
-        summary = analyze_results.analyze(p.study_dir, verbose=False, **kwargs)
-    except (ValueError, OSError) as e:  # AnalysisError is a ValueError
-        print(f"error: analysis of {p.study_dir} failed: {cli.error_line(e)[len('error: '):]}", file=sys.stderr)
-        return False, None
-    for w in summary['warnings']:
-        print(f"warning: {w}", file=sys.stderr)
-    d = p.study_dir
-    return True, (f"analysis of {summary['provenance']['n_trials']} trials"
-                  + (f" ({len(summary['warnings'])} warning(s) above)" if summary['warnings'] else '')
-                  + f": summary {os.path.join(d, 'summary.json')}, report {os.path.join(d, 'REPORT.md')}, "
-                  f"plots in {args.plots_dir or os.path.join(d, 'plots')}")
-
-
-def prepare(p):
-    """Before the first trial, holding the lock: temp files a killed run left, damaged trials
-    set aside (kept, never deleted; trained again), checkpoints of done trials dropped (a kill
-    between a trial's JSON and its checkpoint's removal)."""
-    strays = store.remove_stray_temp_files(p.study_dir)
-    if strays:
-        print(f"removed {strays} temp file(s) left by an interrupted run")
-    for job in p.damaged:
-        print(store.set_aside_damaged(job.key(p.results_dir), job.state.why), flush=True)
-    for job in p.done:
-        store.discard_checkpoint(job.key(p.results_dir))
-
-
-def interrupted_line(p, finished, failed):
-    left = [j for j in p.to_run if j not in finished + failed]
-    kept = [(j, store.checkpoint_iteration_any(j.key(p.results_dir))) for j in left]
-    kept = [f"{j.name} at iteration {it}" for j, it in kept if it is not None]
-    return (f"interrupted: {len(finished)} trial(s) finished in this run"
-            + (f" ({', '.join(j.name for j in finished)})" if finished else '')
-            + f", {len(failed)} failed, {len(left)} not finished; running ones were stopped and left no result"
-            + (f"; checkpoints kept for {', '.join(kept)}" if kept else "; no checkpoint kept")
-            + f". {len(p.done) + len(finished)} of {len(p.jobs)} done in {p.study_dir}. "
-            f"Run the same command again to resume.")
+    if args.no_analyze and (args.baseline or args.plots_dir or args.equivalence_margin or args.compare_snapshots):
+        raise ValueError("--baseline, --plots-dir, --equivalence-margin and --compare-snapshots are for the "
+                         "analysis, which --no-analyze turns off")
 
 
 def _main(argv):
@@ -173,37 +113,18 @@ def _main(argv):
     args = parser.parse_args(argv)
     try:
         check_analysis_args(args)
-        p = planning.make_plan(args)
-        if args.dry_run:
-            return planning.dry_run(p)
-        check_baseline(args, p)
-        planning.check_writable(p, args.plots_dir)
-        lock = store.StudyLock(p.study_dir)
-    except (ValueError, DataError, OSError) as e:
+        for m in args.models or []:  # names, before torch loads (plan.py checks everything else)
+            if m != 'all' and m not in ALL_MODELS:
+                raise ValueError(f"unknown model {m!r}; valid names: {', '.join(ALL_MODELS)}")
+        for a in args.activations or []:
+            if a != 'all':
+                check_activation(a)
+    except ValueError as e:
         parser.exit(cli.exit_code(e), cli.error_line(e) + "\n")
-    try:
-        with lock:
-            print(planning.describe(p), flush=True)
-            prepare(p)
-            t0 = time.time()
-            finished, failed, interrupted = sweep.run_sweep(p, sweep.make_executor(p))
-            wall = time.time() - t0
-    except OSError as e:  # the study folder itself (failures.jsonl, a stray temp file) cannot be written
-        parser.exit(cli.EXIT_FAILURE, cli.error_line(e) + "\n")
-    if interrupted:
-        print(interrupted_line(p, finished, failed), file=sys.stderr)
-        return cli.EXIT_INTERRUPT
-    ok, analysis = analyze_study(p, args) if not args.no_analyze else (True, None)
-    # one closing summary: the trials, then the analysis
-    print(f"{len(finished)} trial(s) trained, {len(p.done)} already done, {len(failed)} failed "
-          f"in {cli.fmt_seconds(wall)}" + (f"; {analysis}" if analysis else ''))
-    if failed:
-        logs = sorted({store.failure_log(j.key(p.results_dir).study_dir) for j in failed})
-        where = logs[0] if len(logs) == 1 else f"the failures.jsonl of {len(logs)} cells under {p.study_dir}"
-        print(f"error: {len(failed)} trial(s) failed: {', '.join(j.name for j in failed)}; errors and tracebacks in "
-              f"{where}", file=sys.stderr)
-        return cli.EXIT_FAILURE
-    return cli.EXIT_OK if ok else cli.EXIT_FAILURE
+    # torch and scipy load only now: --help and usage errors answer without them. One import,
+    # deferred for start-up time, not to dodge a cycle (tests/test_imports.py checks that edge too)
+    import run_study  # noqa: PLC0415
+    return run_study.run(args, parser)
 
 
 def main(argv=None):

@@ -5,7 +5,8 @@ decides what runs and where; run_all_experiments.py holds the lock and the comma
 
 run_job(job, opts) is train.run_trial(job.model, job.activation, job.trial, job.config,
 job.study, opts). The plan holds one RunOptions per worker slot (its device and threads).
-Executors share one interface: run(jobs) yields (job, outcome) as trials finish, and
+Executors share one interface: run(jobs, started) calls started(job) as each trial starts
+and yields (job, outcome) as trials finish, and
 close(abort) stops them (abort: running trials are stopped and leave no result but their
 last checkpoint). An outcome is {'ok': True, 'val_loss', 'val_accuracy', 'seconds',
 'resumed_from'} or {'ok': False, 'error', 'traceback', 'seconds', 'host'}.
@@ -63,8 +64,9 @@ class InlineExecutor:
         self.opts = opts
         self._threads = torch.get_num_threads()
 
-    def run(self, jobs):
+    def run(self, jobs, started=lambda job: None):
         for job in jobs:
+            started(job)
             yield job, run_job(job, self.opts)
 
     def close(self, abort=False):
@@ -133,7 +135,7 @@ class PoolExecutor:
         w['proc'].join(5)
         self.workers[w['i']] = self._start(w['i'])
 
-    def run(self, jobs):
+    def run(self, jobs, started=lambda job: None):
         pending = deque(jobs)
         while pending or any(w['job'] for w in self.workers):
             for w in self.workers:
@@ -141,6 +143,7 @@ class PoolExecutor:
                     w['job'] = pending.popleft()
                     try:
                         w['conn'].send(w['job'])
+                        started(w['job'])
                     except OSError:  # a dead worker: noticed below, where its trial fails
                         pass
             busy = [w for w in self.workers if w['job'] is not None]
@@ -213,13 +216,14 @@ class RayExecutor:
         self.max_in_flight = max_in_flight
         self.in_flight = {}
 
-    def run(self, jobs):
+    def run(self, jobs, started=lambda job: None):
         ray, pending, in_flight = self.ray, deque(jobs), self.in_flight
         opts = ray.put(self.opts)
         while pending or in_flight:
             while pending and len(in_flight) < self.max_in_flight:
                 job = pending.popleft()
                 in_flight[self.remote.remote(job, opts)] = job
+                started(job)
             done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
             for ref in done:
                 job = in_flight.pop(ref)
@@ -272,7 +276,12 @@ def run_sweep(plan, executor_factory):
     bar = tqdm(total=total, initial=len(done), unit='trial', desc=plan.study, dynamic_ncols=True, disable=None)
     try:
         executor = executor_factory() if to_run else None
-        for job, out in (executor.run(to_run) if executor else ()):
+        # a line as each trial starts: a log shows progress long before the first one finishes
+        def started(job):
+            st = job.state
+            bar.write(f"start {job.name}" + (f" (resumes at iteration {st.resume_at})" if st.resume_at else ''),
+                      file=sys.stdout)
+        for job, out in (executor.run(to_run, started) if executor else ()):
             count = f"[{len(done) + len(finished) + len(failed) + 1}/{total}]"
             if out['ok']:
                 finished.append(job)

@@ -10,7 +10,8 @@ import pytest
 from conftest import ROOT
 
 TORCH_FREE = ('analyze_results', 'metrics', 'plot_utils', 'routing_metrics', 'activation_names', 'fileio', 'sanity', 'report',
-              'store', 'config', 'cli', 'run_info', 'ffn_report')
+              'store', 'config', 'cli', 'run_info', 'ffn_report', 'run_all_experiments', 'model_names', 'comparisons',
+              'over_training')
 
 
 def project_modules():
@@ -138,10 +139,21 @@ def test_no_import_cycles():
     assert find_cycles(EDGES) == []
 
 
+# Deferred on purpose, for start-up time (--help without torch: issue 20), never to dodge a
+# cycle: these edges count in the cycle check below too.
+STARTUP_DEFERRED = {'run_all_experiments': {'run_study'}}
+
+
 @pytest.mark.parametrize('module', MODULES)
 def test_no_project_import_inside_a_function(module):
     """The rule: no imports inside functions (or a __main__ block) to dodge a cycle."""
-    assert DEFERRED[module] == [], f"{module}.py imports project modules late: {DEFERRED[module]}"
+    late = [(n, line) for n, line in DEFERRED[module] if n not in STARTUP_DEFERRED.get(module, ())]
+    assert late == [], f"{module}.py imports project modules late: {late}"
+
+
+def test_startup_deferred_imports_hide_no_cycle():
+    edges = {m: set(e) | STARTUP_DEFERRED.get(m, set()) for m, e in EDGES.items()}
+    assert find_cycles(edges) == []
 
 
 def test_sweep_engine_does_not_import_the_command_line():
