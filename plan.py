@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import resource
 from dataclasses import dataclass, field, fields, replace
 from types import SimpleNamespace
 
@@ -217,9 +218,12 @@ def plan_memory(models, activations, configs, ray, devices):
         n = devices.count(device)
         est, avail = max((check_memory(pairs, lower_bound_config(c), torch.device(device), concurrent=n)
                           for c in configs), key=lambda e: e[0]['total'])
-    return (f"memory: about {cli.fmt_bytes(est['total'])} per trial at most"
-            + (" (a lower bound: vocab_size unknown)" if not all(c.vocab_size for c in configs) else '')
-            + f", {n} at once per device; "
+    runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # this process: Python, torch, data
+    return (f"memory: about {cli.fmt_bytes(est['total'])} per trial at most for its model, optimizer, activations "
+            f"and evaluation set" + (" (a lower bound: vocab_size unknown)" if not all(c.vocab_size for c in configs)
+                                     else '')
+            + f", plus the process itself (Python, torch, the data: {cli.fmt_bytes(runtime)} in this one now); "
+            + f"{n} at once per device; "
             + (f"{cli.fmt_bytes(avail)} available" if avail is not None else "available memory unknown here"))
 
 

@@ -300,10 +300,10 @@ def save(key, arrays, record):
     atomic_write(key.npz, lambda f: np.savez(f, **arrays))
     with open(key.npz, 'rb') as f:
         npz_sha = hashlib.sha256(f.read()).hexdigest()
-    record = {**record, 'predictions_file': os.path.basename(key.npz), 'predictions_sha256': npz_sha}
+    record = json_ready({**record, 'predictions_file': os.path.basename(key.npz), 'predictions_sha256': npz_sha})
     write_json(key.json, record)
     discard_checkpoint(key)
-    return record
+    return record  # as saved: a non-finite number is None here too
 
 
 def checkpoint_temp_files(key):

@@ -23,10 +23,9 @@ import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
 import train  # noqa: E402
-from config import Parser, add_config_args, config_from_args  # noqa: E402
+from config import Parser, RunOptions, add_config_args, config_from_args  # noqa: E402
 from model_factories import build_model  # noqa: E402
 from prepare_data import make_task  # noqa: E402
-from config import RunOptions
 
 
 def save_and_load(name, activation, config, task, folder, repeats=5):

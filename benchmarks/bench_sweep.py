@@ -25,13 +25,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import sweep  # noqa: E402
+import device  # noqa: E402
+import plan  # noqa: E402
 import time_estimate  # noqa: E402
-import train  # noqa: E402
 from config import Config, Parser  # noqa: E402
 from fileio import write_json  # noqa: E402
-import device
-import plan
 
 
 def run_once(workers, args, passthrough):

@@ -19,10 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from config import Parser, add_config_args, config_from_args  # noqa: E402
+from config import Parser, RunOptions, add_config_args, config_from_args  # noqa: E402
 from model_factories import MODEL_NAMES, build_model  # noqa: E402
 from prepare_data import make_task  # noqa: E402
-from config import RunOptions
 
 
 def time_model(model, config, task, steps, warmup=3):
