@@ -27,6 +27,15 @@ FFN_KIND = 'ffn_study'
 FFN_SWEPT = ('hidden', 'batch_size', 'learning_rate', 'max_iters')  # max_iters = epochs x batches: follows batch_size
 FFN_TABLE_KS = (1, 2, 4, 8)
 FFN_CURVE_KS = tuple(range(1, 33))
+# best-of-k from n runs tends to the single best run as k nears n, where the seed bootstrap is
+# unreliable: tables and curves stop at k <= runs per width and activation / RUNS_PER_K (k = 8
+# at the design's 160 runs); at least k = 1, the mean run
+RUNS_PER_K = 20
+CHECKED_SEEDS = 20  # the seed count at which tests/test_ffn_study.py checked the bootstrap intervals
+
+
+def k_limit(n_runs):
+    return max(1, n_runs // RUNS_PER_K)
 
 
 def is_study_grid(root):
@@ -103,16 +112,16 @@ def _width_runs(w, grid, by, acts, seeds, failed):
     return val, test, params, missing
 
 
-def _best_of_k(val, test, acts):
+def _best_of_k(val, test, acts, ks):
     """Best-of-k curves per activation and their differences from the baseline (acts[0]),
-    each with its seed-bootstrap interval."""
-    boot = metrics.best_of_k_bootstrap(val, test, FFN_CURVE_KS)
+    each with its seed-bootstrap interval, at k in ks."""
+    boot = metrics.best_of_k_bootstrap(val, test, ks)
     curves = {a: {split: boot[split][i].tolist() for split in ('val', 'test')}
-              | {f'{split}_ci': [_interval(boot[f'{split}_boot'][i][:, q]) for q in range(len(FFN_CURVE_KS))]
+              | {f'{split}_ci': [_interval(boot[f'{split}_boot'][i][:, q]) for q in range(len(ks))]
                  for split in ('val', 'test')} for i, a in enumerate(acts)}
     comparisons = {a: {f'{split}_diff': (boot[split][i] - boot[split][0]).tolist() for split in ('val', 'test')}
                    | {f'{split}_diff_ci': [_interval(boot[f'{split}_boot'][i][:, q] - boot[f'{split}_boot'][0][:, q])
-                                           for q in range(len(FFN_CURVE_KS))] for split in ('val', 'test')}
+                                           for q in range(len(ks))] for split in ('val', 'test')}
                    for i, a in enumerate(acts) if i}
     return curves, comparisons
 
@@ -181,6 +190,11 @@ def build_ffn_summary(root, load_study, build_summary, baseline=None):
     failed = {(f.get('activation'), f.get('trial'), c['name']): f.get('error') for c in found for f in c['failures']}
     warnings += [f"{c['name']}: {w}" for c in cells for w in c['summary']['warnings']]
     out_widths, grid = [], [(b, lr) for b in batches for lr in lrs]
+    limit = k_limit(len(grid) * len(seeds))
+    curve_ks, table_ks = [k for k in FFN_CURVE_KS if k <= limit], [k for k in FFN_TABLE_KS if k <= limit]
+    if len(seeds) != CHECKED_SEEDS:
+        warnings.append(f"{len(seeds)} seeds per cell: the best-of-k bootstrap intervals were checked by simulation at "
+                        f"{CHECKED_SEEDS} seeds (tests/test_ffn_study.py), not at {len(seeds)}")
     for w in widths:
         val, test, params, missing = _width_runs(w, grid, by, acts, seeds, failed)
         if missing:
@@ -188,7 +202,7 @@ def build_ffn_summary(root, load_study, build_summary, baseline=None):
                             + '; '.join(missing[:5]) + (' ...' if len(missing) > 5 else ''))
         if np.isnan(test[~np.isnan(val)]).any():
             raise AnalysisError(f"width {w}: a trial without test_accuracy (not a classification trial?)")
-        curves, comparisons = _best_of_k(val, test, acts)
+        curves, comparisons = _best_of_k(val, test, acts, curve_ks)
         out_widths.append({'width': w, 'params': params, 'curves': curves, 'comparisons': comparisons,
                            'pd': _shared_pd(w, val, grid, by),
                            'n_runs': int(np.isfinite(val).sum()), 'n_grid_runs': int(val.size)})
@@ -201,7 +215,7 @@ def build_ffn_summary(root, load_study, build_summary, baseline=None):
         'study': os.path.dirname(recs[0].get('study') or '') or os.path.basename(os.path.normpath(root)),
         'task': base_cfg.get('dataset'), 'gated_width': base_cfg.get('gated_width', 'same'), 'config': base_cfg,
         'activations': acts, 'baseline': base, 'widths': widths, 'batch_sizes': batches, 'learning_rates': lrs,
-        'seeds': seeds, 'ks': list(FFN_TABLE_KS), 'curve_ks': list(FFN_CURVE_KS), 'vary': recs[0].get('vary'),
+        'seeds': seeds, 'ks': table_ks, 'curve_ks': curve_ks, 'k_limit': limit, 'vary': recs[0].get('vary'),
         'statistics': STATISTICS, 'results': out_widths, 'cells': _cell_rows(by), 'warnings': warnings,
         'failures': [f | {'cell': c['name']} for c in found for f in c['failures']],
         'timing': {'n_trials': len(recs), 'trial_seconds': float(sum(r['metrics']['total_time'] for r in recs)),
@@ -233,7 +247,10 @@ def render_ffn_report(s):
            f"Measured: `ffn` classifiers (depth {cfg.get('depth')}, {cfg.get('epochs')} epoch(s), AdamW, weight decay "
            f"{cfg.get('weight_decay')}, dropout {cfg.get('dropout')}) on every cell of widths {s['widths']} x batch sizes "
            f"{s['batch_sizes']} x learning rates {s['learning_rates']} ({n_cells} cells), seeds {len(s['seeds'])} per "
-           f"cell and activation (trial k has seed seed_base + k in every cell; vary {s['vary']}). Gated width "
+           f"cell and activation (trial k has seed seed_base + k in every cell; vary {s['vary']}; the bootstrap "
+           f"intervals below were checked by simulation at {CHECKED_SEEDS} seeds). Tables and curves stop at k = "
+           f"{s.get('k_limit', max(s['ks']))}: best-of-k is read only up to k = runs / {RUNS_PER_K}, beyond which it "
+           f"tends to the single best run and the bootstrap is unreliable. Gated width "
            f"`same`: a gated activation has `width` gated units (the original FFN_GeGLU); `matched`: the unit count "
            f"whose parameter count is closest to the ungated model's at that width.", "", "## Warnings", ""]
     out += [f"- {w}" for w in s['warnings']] or ["None."]
