@@ -28,6 +28,7 @@ import sys
 import numpy as np
 
 import cli
+import ffn_plots
 import ffn_report
 import metrics
 import over_training
@@ -326,7 +327,7 @@ def summary_figures(study_dir):
     try:
         with open(path, encoding='utf-8') as f:
             s = json.load(f)
-        return plot_utils.ffn_figures(s) if s.get('kind') == ffn_report.FFN_KIND else plot_utils.figures(s)
+        return ffn_plots.ffn_figures(s) if s.get('kind') == ffn_report.FFN_KIND else plot_utils.figures(s)
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise AnalysisError(f"cannot plot {path} ({type(e).__name__}: {e}); run without --plots-only to (re)create it")
 

@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 
+import ffn_plots
 import metrics
 import plot_utils
 from fileio import AnalysisError, json_ready, write_json, write_text
@@ -325,7 +326,7 @@ def analyze_ffn(root, load_study, build_summary, plots_dir=None, baseline=None, 
     Raises AnalysisError on input it cannot use, before writing anything."""
     summary = json_ready(build_ffn_summary(root, load_study, build_summary, baseline))
     report = render_ffn_report(summary)
-    figs = plot_utils.ffn_figures(summary) if plots else {}
+    figs = ffn_plots.ffn_figures(summary) if plots else {}
     write_json(os.path.join(root, 'summary.json'), summary)
     write_text(os.path.join(root, 'REPORT.md'), report)
     written = plot_utils.save_figures(figs, plots_dir or os.path.join(root, 'plots'))

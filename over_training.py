@@ -75,7 +75,7 @@ def snapshot_change(curve, wanted=None, names=None):
     early, late = picked
     res = metrics.paired_snapshot_comparison(curve['matrices'][early]['relative_pd'],
                                              curve['matrices'][late]['relative_pd'], names=names)
-    return {'early': early, 'late': late, **res, 'sentence': metrics.describe_change(res, at=(early, late))}
+    return {**res, 'early_iter': early, 'late_iter': late, 'sentence': metrics.describe_change(res, at=(early, late))}
 
 
 def yardstick(trials):

@@ -11,7 +11,7 @@ from conftest import ROOT
 
 TORCH_FREE = ('analyze_results', 'metrics', 'plot_utils', 'routing_metrics', 'activation_names', 'fileio', 'sanity', 'report',
               'store', 'config', 'cli', 'run_info', 'ffn_report', 'run_all_experiments', 'model_names', 'comparisons',
-              'over_training')
+              'over_training', 'ffn_plots')
 
 
 def project_modules():

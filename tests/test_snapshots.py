@@ -75,3 +75,23 @@ def test_results_without_snapshots_still_analyse(tiny_config, tmp_path):
     assert summary['results'][0]['pairwise']['relative_pd']['mean'] > 0
     assert summary['results'][0]['snapshots'] is None
     assert 'no snapshots' in summary['results'][0]['snapshots_note']
+
+
+def test_analysis_over_training_on_real_snapshots(tiny_config, tmp_path):
+    """Per snapshot: mean relative PD with its interval, in summary.json, REPORT.md and a plot;
+    the paired comparison of the first and last snapshots, worded."""
+    cfg = replace(tiny_config, max_iters=6, eval_interval=2)
+    for k in range(3):
+        train.run_trial('minigpt', 'relu', k, cfg, 's',
+                        RunOptions(results_dir=str(tmp_path), progress=False, threads=1, snapshots='on'))
+    s = analyze_results.analyze(str(tmp_path / 's'), verbose=False)
+    sn = s['results'][0]['snapshots']
+    assert sn['iters'] == [0, 2, 4, 6] and len(sn['relative_pd']) == 4 and all(x['ci'] for x in sn['relative_pd'])
+    # the last snapshot is the final predictions: its mean PD is the group's final figure
+    assert sn['relative_pd'][-1]['mean'] == pytest.approx(s['results'][0]['pairwise']['relative_pd']['mean'])
+    ch = s['results'][0]['snapshot_change']
+    assert (ch['early_iter'], ch['late_iter']) == (2, 6) and 'at 2' in ch['sentence'] and 'at 6' in ch['sentence']
+    assert 'Over training' in (tmp_path / 's' / 'REPORT.md').read_text()
+    assert (tmp_path / 's' / 'plots' / 'relative_pd_over_training.png').exists()
+    with pytest.raises(Exception, match='no snapshot at iteration 5'):
+        analyze_results.build_summary(str(tmp_path / 's'), snapshots=(2, 5))
