@@ -192,6 +192,31 @@ def routing_agreement(name, trials, ids, warnings):
 
 # ----------------------------------------------------------------------------- the whole study
 
+def statistics_block(margin):
+    """What summary.json says its statistics are (the report's Statistics section reads it)."""
+    return {'confidence_level': metrics.CONFIDENCE, 'alpha': metrics.ALPHA, 'power': metrics.POWER,
+            'n_permutations': metrics.N_PERMUTATIONS, 'seed': metrics.SEED,
+            'min_trials_for_ci': metrics.MIN_TRIALS_FOR_CI,
+            'pairwise_ci': 'leave-one-trial-out jackknife t-interval of the mean over pairs (T - 1 df), '
+                           'on the logit scale for metrics in [0, 1] and the log scale for metrics >= 0; '
+                           'marked unreliable, with the trials named, when a trial is an outlier',
+            'trial_ci': 'jackknife t-interval of the mean over trials (n - 1 df), on the logit scale for '
+                        'accuracies and the log scale for losses and times',
+            'dispersion': 'difference of mean pairwise relative PD; permutation test over group labels of '
+                          'the Welch t statistic of jackknife pseudo-values of mean (-log(1 - PD))^2',
+            'equivalence': f'two one-sided tests on the ratio of mean relative PDs, margin ±{margin:.0%} '
+                           f'of the baseline\'s',
+            'equivalence_margin': margin,
+            'snapshots': 'paired leave-one-trial-out jackknife of late - early mean relative PD',
+            'ensemble_yardstick': 'relative PD between averaged disjoint ensembles of m trials (descriptive '
+                                      'for m > 1)',
+            'prediction_shift': 'permutation test over trial labels of between- minus within-group '
+                                    'relative PD (null: exchangeable trials)',
+            'multiple_comparisons': 'Holm over all comparisons of the study, separately per test',
+            'elementwise_floor': metrics.ELEMENTWISE_FLOOR,
+            'std': 'sample standard deviation (ddof=1)'}
+
+
 def build_summary(study_dir, baseline=None, loaded=None, margin=None, snapshots=None):
     """The summary dict of a study, in memory (nothing written). baseline=None: relu where the
     study has it; a name the study does not have raises AnalysisError. loaded: what
@@ -241,10 +266,7 @@ def build_summary(study_dir, baseline=None, loaded=None, margin=None, snapshots=
         warnings.append(f"{len(failures)} failed trial(s) in failures.jsonl: " +
                         ', '.join(f"{f.get('model')}/{f.get('activation')}/trial_{f.get('trial')}" for f in failures))
     warnings += [f"skipped {b['path']}: {b['reason']}" for b in bad]
-    evidence = {f"{mo}/{a}": ('repeat noise measured ({n} repeat(s)): {v:.2e}'.format(**noise[(mo, a)] | {'v': noise[(mo, a)]['value']})
-                              if (mo, a) in noise else 'repeat noise not measured: seeds checked by the stream '
-                              'digests and a fixed threshold of ' f"{sanity.SANITY_RATIO:.0%} of the between-seed PD")
-                for mo, acts in groups.items() for a in acts}
+    evidence = sanity.evidence(groups, noise)
 
     files = [f for t in trials for f in t['files']]
     seen = {}
@@ -257,27 +279,7 @@ def build_summary(study_dir, baseline=None, loaded=None, margin=None, snapshots=
         'schema_version': SCHEMA_VERSION,
         'study': os.path.basename(os.path.normpath(study_dir)),
         'baseline': base,
-        'statistics': {'confidence_level': metrics.CONFIDENCE, 'alpha': metrics.ALPHA, 'power': metrics.POWER,
-                       'n_permutations': metrics.N_PERMUTATIONS, 'seed': metrics.SEED,
-                       'min_trials_for_ci': metrics.MIN_TRIALS_FOR_CI,
-                       'pairwise_ci': 'leave-one-trial-out jackknife t-interval of the mean over pairs (T - 1 df), '
-                                      'on the logit scale for metrics in [0, 1] and the log scale for metrics >= 0; '
-                                      'marked unreliable, with the trials named, when a trial is an outlier',
-                       'trial_ci': 'jackknife t-interval of the mean over trials (n - 1 df), on the logit scale for '
-                                   'accuracies and the log scale for losses and times',
-                       'dispersion': 'difference of mean pairwise relative PD; permutation test over group labels of '
-                                     'the Welch t statistic of jackknife pseudo-values of mean (-log(1 - PD))^2',
-                       'equivalence': f'two one-sided tests on the ratio of mean relative PDs, margin ±{margin:.0%} '
-                                      f'of the baseline\'s',
-                       'equivalence_margin': margin,
-                       'snapshots': 'paired leave-one-trial-out jackknife of late - early mean relative PD',
-                       'ensemble_yardstick': 'relative PD between averaged disjoint ensembles of m trials (descriptive '
-                                             'for m > 1)',
-                       'prediction_shift': 'permutation test over trial labels of between- minus within-group '
-                                           'relative PD (null: exchangeable trials)',
-                       'multiple_comparisons': 'Holm over all comparisons of the study, separately per test',
-                       'elementwise_floor': metrics.ELEMENTWISE_FLOOR,
-                       'std': 'sample standard deviation (ddof=1)'},
+        'statistics': statistics_block(margin),
         'sanity_evidence': evidence,
         'sanity_rules': {'sanity_ratio': sanity.SANITY_RATIO, 'repeat_factor': sanity.REPEAT_FACTOR, 'identical_tol': sanity.IDENTICAL_TOL,
                          'causality_tol': sanity.CAUSALITY_TOL, 'leak_ratio': sanity.LEAK_RATIO,

@@ -24,6 +24,8 @@ EXIT_FAILURE = 1     # a failure while running: a trial, the analysis, a file th
 EXIT_USAGE = 2       # a bad flag, name or value, or a conflict with saved results; nothing was run
 EXIT_INTERRUPT = 130  # Ctrl-C (128 + SIGINT, what shells report)
 
+RAY_INSTALL = 'pip install "ray[default]"'  # Ray is optional (--executor ray)
+
 EXIT_HELP = ("exit status: 0 done; 1 a failure while running (a trial or the analysis failed, or a file "
              "or folder could not be read or written: the message names the path); 2 a usage error "
              "(a bad flag, name or value, or a conflict with saved results), found before anything "

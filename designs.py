@@ -13,7 +13,7 @@ ORIGINAL_MODELS = ('charlm', 'tinylstm', 'minigpt', 'convlm', 'hybridlm', 'nanot
 PARTIAL_ACTIVATIONS = ('smelu_05', 'smelu_1', 'relu', 'gelu', 'swish')
 
 # A design sets the grid and the preset of a named study; explicit flags override them.
-# `tiny_trials`: a trial is far too small for several threads (sweep.layout: one thread per
+# `tiny_trials`: a trial is far too small for several threads (device.layout: one thread per
 # trial and one worker per core unless --workers / --threads say otherwise).
 DESIGNS = {
     'seed_partial': dict(config='gpu', models=ORIGINAL_MODELS, activations=PARTIAL_ACTIVATIONS, trials=3,

@@ -21,7 +21,7 @@ from config import Parser
 from designs import DEFAULT_GRID, DESIGNS, study_names
 from model_names import ALL_MODELS
 
-RAY_INSTALL = 'pip install "ray[default]"'
+RAY_INSTALL = cli.RAY_INSTALL
 
 
 # ----------------------------------------------------------------------------- command line

@@ -301,3 +301,11 @@ def check_streams(groups, warnings):
                 elif len(set(digests)) > 1:
                     warnings.append(f"{name}: {k} stream differs across trials although --vary {vary} "
                                     f"(trials {', '.join(str(t['trial']) for t in have)}: {', '.join(digests)})")
+
+
+def evidence(groups, noise):
+    """{model/activation: which evidence the seed and activation rules used}, for the report."""
+    return {f"{m}/{a}": (f"repeat noise measured ({noise[(m, a)]['n']} repeat(s)): {noise[(m, a)]['value']:.2e}"
+                         if (m, a) in noise else f"repeat noise not measured: seeds checked by the stream digests "
+                                                 f"and a fixed threshold of {SANITY_RATIO:.0%} of the between-seed PD")
+            for m, acts in groups.items() for a in acts}

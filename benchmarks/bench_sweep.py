@@ -73,7 +73,7 @@ def main(argv=None):
     if out == 'none':
         out = None
 
-    cores = plan.cores()
+    cores = device.cores()
     print(f"sweep of {len(args.models)} models ({' '.join(args.models)}) x {len(args.activations)} activations "
           f"({' '.join(args.activations)}) x {args.trials} trials, preset {args.config}"
           + (f" with {' '.join(passthrough)}" if passthrough else '')

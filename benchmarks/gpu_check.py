@@ -13,6 +13,9 @@ end (run), the trials' result files (trial), the corpus the checks train on (cor
 check sizes (check_args). Trials run through the command lines (train.py,
 run_all_experiments.py, analyze_results.py) and are read back from their files, so this
 depends on nothing inside the trainer.
+
+Over 500 lines on purpose: the GPU session gets one file to read and run, and its CPU path
+(a fork server that saves ~9 s of imports per tiny trial here) lives beside the checks it serves.
 """
 import argparse
 import datetime

@@ -16,7 +16,7 @@ import mnist
 import run_all_experiments as rae
 import sweep
 import plan as planning
-from plan import cores
+from device import cores
 
 FAST = ['--widths', '2', '--batch-sizes', '64', '--lrs', '0.01', '0.001', '--trials', '3',
         '--workers', '1', '--threads', '1']
