@@ -44,9 +44,16 @@ def dtype_name(amp_dtype):
     return str(amp_dtype or torch.float32).replace('torch.', '')
 
 
-def set_determinism(deterministic, device):
+def cublas_workspace(deterministic):
+    """cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, when a process first uses it: set it before any
+    CUDA work of a process that may run a deterministic trial (a sweep worker, train.py), not
+    only when the trial starts."""
     if deterministic:
-        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # cuBLAS needs it
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+
+
+def set_determinism(deterministic, device):
+    cublas_workspace(deterministic)
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = False

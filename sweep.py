@@ -31,6 +31,7 @@ from tqdm import tqdm
 import store
 import train
 from cli import fmt_seconds
+from device import cublas_workspace
 from fileio import DATA_DIR_ENV, PROJECT_DIR
 
 
@@ -99,6 +100,7 @@ def _worker_main(conn, opts, parent_pid):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     _die_with_parent(parent_pid)
+    cublas_workspace(opts.deterministic)  # before this process's first CUDA work
     if opts.device.startswith('cuda'):
         torch.cuda.set_device(opts.device)
     while True:

@@ -31,7 +31,7 @@ import plan as planning
 import store
 from activations import ACTIVATION_NAMES
 from config import Parser, RunOptions, n_evaluations, takes_snapshots
-from device import autocast_dtype, dtype_name, provenance, resolve_device, set_determinism
+from device import autocast_dtype, cublas_workspace, dtype_name, provenance, resolve_device, set_determinism
 from fileio import DataError, atomic_write
 from model_factories import ALL_MODEL_NAMES, build_model, check_activation, check_model, count_parameters, model_kind
 from prepare_data import make_task
@@ -445,6 +445,7 @@ def main(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
     args.models, args.activations = [args.model], [args.activation]
+    cublas_workspace(args.deterministic)  # before the plan's first CUDA call
     try:
         p = planning.make_plan(args, one_pair=True)
         planning.check_writable(p)
