@@ -690,9 +690,9 @@ def difference_interval(a, b, confidence=CONFIDENCE):
     out = {'difference': None, 'ci': None, 'ci_method': None, 'ci_note': None}
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     pairs = a.ndim == 2
-    if pairs:
-        (ua, _), (ub, _) = _loo_means(a), _loo_means(b)
-        out['difference'] = float(ub - ua)
+    if pairs:  # the mean over distinct pairs (any T >= 2)
+        ua, ub = (float(np.triu(d, 1).sum() / math.comb(len(d), 2)) for d in (a, b))
+        out['difference'] = ub - ua
     else:
         out['difference'] = float(b.mean() - a.mean())
     n = min(len(a), len(b))
