@@ -409,3 +409,18 @@ def test_ensemble_yardstick_falls_like_one_over_sqrt_m():
     text = metrics.place_on_yardstick('smelu_1 vs relu', -0.06, ys)
     assert text == 'smelu_1 vs relu: -6% relative PD; averaging 2 models gives -29% (4 models: -50%)'
     assert 'no ensemble yardstick' in metrics.place_on_yardstick('x', 0.1, ys[:1])
+
+
+def test_difference_interval_is_welchs_and_says_when_none_is_possible():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(1.0, 0.2, 5), rng.normal(1.3, 0.4, 7)
+    r = metrics.difference_interval(a, b)
+    ref = stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
+    assert r['difference'] == pytest.approx(b.mean() - a.mean()) and r['ci'] == pytest.approx([ref.low, ref.high])
+    two = metrics.difference_interval(a[:2], b)
+    assert two['ci'] is None and 'no interval possible: 2 trial(s)' in two['ci_note']
+    # pair matrices: the difference of the two means over pairs, jackknife standard errors
+    d = metrics.pair_matrix(4, np.array([(i, j) for i in range(4) for j in range(i + 1, 4)]), rng.uniform(0.1, 0.2, 6))
+    e = d * 1.5
+    r = metrics.difference_interval(d, e)
+    assert r['difference'] == pytest.approx(0.5 * np.triu(d, 1).sum() / 6) and r['ci'][0] < r['difference'] < r['ci'][1]
