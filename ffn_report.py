@@ -1,5 +1,6 @@
 """
-The FFN study's report (the mnist_ffn design of designs.py): summary.json, REPORT.md and plots
+The FFN study's summary (the mnist_ffn design of designs.py), written with its REPORT.md (rendered by
+report.py, like every report) and plots (ffn_plots.py)
 of a grid design's root, <root>/h<w>_b<b>_lr<lr>/ffn/<activation>/trial_<k>.json, one ordinary
 study folder per cell of a (width x batch size x learning rate) grid, every cell with the same
 trial seeds. Best-of-k random search over the grid (metrics.expected_best_of_k, with a seed
@@ -20,6 +21,7 @@ import numpy as np
 import ffn_plots
 import metrics
 import plot_utils
+import report
 from fileio import AnalysisError, json_ready, write_json, write_text
 
 SCHEMA_VERSION = 1  # of the FFN study's summary.json (kind FFN_KIND)
@@ -216,7 +218,8 @@ def build_ffn_summary(root, load_study, build_summary, baseline=None):
         'study': os.path.dirname(recs[0].get('study') or '') or os.path.basename(os.path.normpath(root)),
         'task': base_cfg.get('dataset'), 'gated_width': base_cfg.get('gated_width', 'same'), 'config': base_cfg,
         'activations': acts, 'baseline': base, 'widths': widths, 'batch_sizes': batches, 'learning_rates': lrs,
-        'seeds': seeds, 'ks': table_ks, 'curve_ks': curve_ks, 'k_limit': limit, 'vary': recs[0].get('vary'),
+        'seeds': seeds, 'ks': table_ks, 'curve_ks': curve_ks, 'k_limit': limit, 'runs_per_k': RUNS_PER_K,
+        'checked_seeds': CHECKED_SEEDS, 'vary': recs[0].get('vary'),
         'statistics': STATISTICS, 'results': out_widths, 'cells': _cell_rows(by), 'warnings': warnings,
         'failures': [f | {'cell': c['name']} for c in found for f in c['failures']],
         'timing': {'n_trials': len(recs), 'trial_seconds': float(sum(r['metrics']['total_time'] for r in recs)),
@@ -229,106 +232,14 @@ def build_ffn_summary(root, load_study, build_summary, baseline=None):
     }
 
 
-def _ci_cell(x, ci, digits=3):
-    if x is None or not math.isfinite(x):  # no finished run (json_ready: null)
-        return '—'
-    return f"{x:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else '')
-
-
-def _ffn_verdict(ci, a, base):
-    if not ci:
-        return 'n/a'
-    return f"{a} higher" if ci[0] > 0 else f"{base} higher" if ci[1] < 0 else 'no clear difference'
-
-
-def render_ffn_report(s):
-    acts, base, ks, cks = s['activations'], s['baseline'], s['ks'], s['curve_ks']
-    cfg, n_cells = s['config'], len(s['cells'])
-    out = [f"# FFN study: {' vs '.join(acts)} on {s['task']} (gated width: {s['gated_width']})", "",
-           f"Measured: `ffn` classifiers (depth {cfg.get('depth')}, {cfg.get('epochs')} epoch(s), AdamW, weight decay "
-           f"{cfg.get('weight_decay')}, dropout {cfg.get('dropout')}) on every cell of widths {s['widths']} x batch sizes "
-           f"{s['batch_sizes']} x learning rates {s['learning_rates']} ({n_cells} cells), seeds {len(s['seeds'])} per "
-           f"cell and activation (trial k has seed seed_base + k in every cell; vary {s['vary']}; the bootstrap "
-           f"intervals below were checked by simulation at {CHECKED_SEEDS} seeds). Tables and curves stop at k = "
-           f"{s.get('k_limit', max(s['ks']))}: best-of-k is read only up to k = runs / {RUNS_PER_K}, beyond which it "
-           f"tends to the single best run and the bootstrap is unreliable. Gated width "
-           f"`same`: a gated activation has `width` gated units (the original FFN_GeGLU); `matched`: the unit count "
-           f"whose parameter count is closest to the ungated model's at that width.", "", "## Warnings", ""]
-    out += [f"- {w}" for w in s['warnings']] or ["None."]
-    out += ["", "## Parameters", "", "| width | " + " | ".join(f"{a} units | {a} params" for a in acts) + " |",
-            "|---:|" + "---:|---:|" * len(acts)]
-    for r in s['results']:
-        out.append(f"| {r['width']} | " + " | ".join(
-            f"{(r['params'].get(a) or {}).get('units', '—')} | {(r['params'].get(a) or {}).get('n_params', '—')}"
-            for a in acts) + " |")
-    out += ["", "## Best-of-k random search", "",
-            f"Expected best validation accuracy of k configurations drawn at random (with replacement) from "
-            f"all {s['results'][0]['n_grid_runs'] // len(acts)} runs of a width (cells x seeds), exact from the order "
-            f"statistics; \"test\" is the held-out test accuracy of the run each search selects, the number to "
-            f"compare models by. [95% CI]: {s['statistics']['ci']}. Verdicts from the CI of the test-accuracy "
-            f"difference; {len(s['results']) * len(ks)} intervals per activation, not adjusted for multiplicity.", ""]
-    for a in acts[1:]:
-        out += [f"| width | k | {base} best val | {a} best val | {base} test of selected | {a} test of selected | "
-                f"{a} − {base} test [95% CI] | verdict (test) |", "|---:|---:|---|---|---|---|---|---|"]
-        for r in s['results']:
-            for k in ks:
-                q = cks.index(k)
-                cb, ca, cmp = r['curves'][base], r['curves'][a], r['comparisons'][a]
-                out.append(f"| {r['width']} | {k} | {_ci_cell(cb['val'][q], cb['val_ci'][q])} | "
-                           f"{_ci_cell(ca['val'][q], ca['val_ci'][q])} | {_ci_cell(cb['test'][q], cb['test_ci'][q])} | "
-                           f"{_ci_cell(ca['test'][q], ca['test_ci'][q])} | "
-                           f"{_ci_cell(cmp['test_diff'][q], cmp['test_diff_ci'][q])} | "
-                           f"{_ffn_verdict(cmp['test_diff_ci'][q], a, base)} |")
-        out.append("")
-    out += ["## PD between seeds at one shared configuration", "",
-            "Per width, the cell with the best validation accuracy averaged over every activation and seed "
-            "(the same configuration for every model). Relative PD of the validation softmax between seeds, "
-            "mean over pairs [95% jackknife CI over trials]; the difference [95% CI] and its p-value are the "
-            "dispersion test's (is one model's spread between seeds larger?), Holm-adjusted over every width "
-            "and activation; shift p: the prediction-shift test (do the models predict differently at all?).", "",
-            "| width | cell (batch, lr) | " + " | ".join(f"{a} PD" for a in acts) + " | " +
-            " | ".join(f"{a} − {base} [95% CI], p (Holm) | shift p" for a in acts[1:]) + " |",
-            "|---:|---|" + "---|" * len(acts) + "---|---|" * (len(acts) - 1)]
-    for r in s['results']:
-        pd = r['pd']
-        cells = [_ci_cell((pd['activations'].get(a) or {}).get('relative_pd'), (pd['activations'].get(a) or {}).get('ci'))
-                 for a in acts]
-        for a in acts[1:]:
-            c = pd['comparisons'].get(a) or {}
-            p = '—' if c.get('p_value_holm') is None else f"{c['p_value_holm']:.3g}"
-            shift = '—' if c.get('prediction_shift_p_value') is None else f"{c['prediction_shift_p_value']:.3g}"
-            cells += [f"{_ci_cell(c.get('difference'), c.get('ci'))}, p {p}" + (f" ({c['note']})" if c.get('note') else ''),
-                      shift]
-        out.append(f"| {r['width']} | {pd['batch_size']}, {pd['learning_rate']:g} | " + " | ".join(cells) + " |")
-    out += ["", "## Every cell", "", "Means over seeds.", "",
-            "| width | batch | lr | " + " | ".join(f"{a} val | {a} test | {a} PD" for a in acts) + " |",
-            "|---:|---:|---:|" + "---:|---:|---:|" * len(acts)]
-    for c in s['cells']:
-        out.append(f"| {c['width']} | {c['batch_size']} | {c['learning_rate']:g} | " + " | ".join(
-            f"{_ci_cell((c.get(a) or {}).get('val_accuracy'), None)} | {_ci_cell((c.get(a) or {}).get('test_accuracy'), None)} | "
-            f"{_ci_cell((c.get(a) or {}).get('relative_pd'), None)}" for a in acts) + " |")
-    t = s['timing']
-    out += ["", "## Caveats", "",
-            "- The intervals cover seed-to-seed variation on this grid and data split; they say nothing about "
-            "other grids, epochs or datasets. For k approaching the number of runs, best-of-k tends to the single "
-            "best run, where a bootstrap is unreliable: the table stops at k = 8.",
-            "- Validation accuracy selects; it is optimistic for the selected run. Compare models by the test column.",
-            "- Missing or failed runs count as draws that are never selected (see Warnings).", "",
-            "## Inputs", "", f"{t['n_trials']} trials in {n_cells} cells; sum of the trials' own all-in times "
-            f"{t['trial_seconds']:.0f} s ({'/'.join(t['threads'])} thread(s) per trial; {', '.join(t['devices'])}); "
-            f"git commits {', '.join(s['provenance']['git_commits'])}. SHA-256 of every input file: summary.json, "
-            f"provenance.files. Each cell is an ordinary study: `python analyze_results.py --results-dir <cell>`.", ""]
-    return "\n".join(out)
-
-
 def analyze_ffn(root, load_study, build_summary, plots_dir=None, baseline=None, plots=True, verbose=True):
     """The FFN study's summary.json, REPORT.md and plots (ffn_*.png) in root; returns the summary.
     Raises AnalysisError on input it cannot use, before writing anything."""
     summary = json_ready(build_ffn_summary(root, load_study, build_summary, baseline))
-    report = render_ffn_report(summary)
+    text = report.render_ffn_report(summary)
     figs = ffn_plots.ffn_figures(summary) if plots else {}
     write_json(os.path.join(root, 'summary.json'), summary)
-    write_text(os.path.join(root, 'REPORT.md'), report)
+    write_text(os.path.join(root, 'REPORT.md'), text)
     written = plot_utils.save_figures(figs, plots_dir or os.path.join(root, 'plots'))
     if verbose:
         for w in summary['warnings']:
