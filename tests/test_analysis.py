@@ -4,7 +4,6 @@ outputs and their round trip, each planted sanity problem, bad files, bad input,
 import hashlib
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -15,7 +14,7 @@ import analyze_results
 from activation_names import applied_function
 import metrics
 import plot_utils
-from conftest import ROOT
+from conftest import limit
 
 N_EVAL, N_CLASSES = 40, 7
 HASH = 'e' * 64
@@ -443,7 +442,7 @@ def test_compare_two_studies(tmp_path):
 
 # ----------------------------------------------------------------------------- activations, no torch
 
-def test_analysis_modules_do_not_import_torch(tmp_path):
+def test_analysis_modules_do_not_import_torch(tmp_path, procs):
     # a fresh interpreter in which importing torch fails; then use the statistics too, since
     # scipy imports some of its parts lazily
     code = ("import sys\n"
@@ -458,7 +457,8 @@ def test_analysis_modules_do_not_import_torch(tmp_path):
             "plot_utils.save_figure(plot_utils.activation_functions(['relu', 'gelu']), sys.argv[1])\n"
             "assert not [m for m in sys.modules if m.split('.')[0] == 'torch']\n"
             "assert 'matplotlib.pyplot' not in sys.modules  # Agg canvas only: no global backend\n")
-    subprocess.run([sys.executable, '-c', code, str(tmp_path / 'a.png')], cwd=ROOT, check=True)
+    p = procs.run([sys.executable, '-c', code, str(tmp_path / 'a.png')], limit())
+    assert p.returncode == 0, p.stderr
 
 
 def test_numpy_activation_derivatives_match_finite_differences():

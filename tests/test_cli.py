@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import fields
 
 import pytest
@@ -24,7 +23,7 @@ import store
 import run_all_experiments as sweep
 import train
 from config import Config, get_config
-from conftest import ROOT, trial_path
+from conftest import ROOT, cpu_seconds, limit, trial_path, wait_for
 from model_factories import MODEL_NAMES, check_memory, estimate_memory
 from report import mean_std, timing_cell, timing_note
 
@@ -73,7 +72,7 @@ def test_a_baseline_among_the_saved_trials_is_accepted(studies, corpus, capsys):
 # ----------------------------------------------------------------------------- item 2: OS errors
 
 @pytest.mark.parametrize('script', ['train.py', 'run_all_experiments.py', 'analyze_results.py'])
-def test_a_results_path_under_a_regular_file_is_one_line(script, studies, corpus, tmp_path):
+def test_a_results_path_under_a_regular_file_is_one_line(script, studies, corpus, tmp_path, procs):
     blocker = tmp_path / 'file'
     blocker.write_text('not a folder')
     under = str(blocker / 'results')
@@ -81,7 +80,7 @@ def test_a_results_path_under_a_regular_file_is_one_line(script, studies, corpus
                          '--results-dir', under],
             'run_all_experiments.py': [*GRID, *TINY, '--data', corpus, '--results-dir', under],
             'analyze_results.py': ['--results-dir', str(studies / 'a' / 'cpu'), '--plots-dir', under]}[script]
-    p = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    p = procs.run([sys.executable, script, *args], limit())
     line = one_line(p.stderr)
     assert p.returncode == cli.EXIT_FAILURE
     assert line.startswith('error: ') and f"{blocker} is a file, not a folder" in line
@@ -132,63 +131,83 @@ def test_the_presets_main_job_is_not_refused():
     assert e2['parts']['activations'] == 2 * e1['parts']['activations']
 
 
-def test_progress_lines_for_logs():
+class Clock:
+    """A stand-in for cli's `time`: the seconds a test says have passed, at any machine speed."""
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+
+def test_progress_lines_for_logs(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(cli, 'time', clock)
     out = io.StringIO()
     log = cli.ProgressLog('m/a trial 0', total=10 ** 6, evals_total=11, every=30.0, warmup=2, stream=out)
     assert log.enabled  # a StringIO is not a terminal
     log.update(1, 2.5, 0.0, 1)
     assert out.getvalue() == ''
-    time.sleep(0.01)
+    clock.now += 0.01
     log.update(2, 2.4, 0.0, 1)
     assert 'm/a trial 0: projected trial time ~' in out.getvalue() and '1000000 steps' in out.getvalue()
+    assert '(5 ms per step' in out.getvalue()  # 10 ms over 2 steps
+    clock.now += 29
     log.update(3, 2.3, 0.0, 1)
     assert out.getvalue().count('\n') == 1  # not again before 30 s
-    log.last -= 31
+    clock.now += 2
     log.update(4, 2.25, 0.0, 1)
     assert 'iteration 4/1000000, loss 2.2500, ~' in out.getvalue().splitlines()[-1]
     quiet = io.StringIO()  # a trial that ends within 30 s prints no projection
     short = cli.ProgressLog('m/a trial 1', total=10, evals_total=2, warmup=2, stream=quiet)
     for it in range(1, 11):
+        clock.now += 2.9  # 29 s in all
         short.update(it, 2.0, 0.0, 1)
     assert quiet.getvalue() == ''
 
 
-def test_progress_lines_of_a_resumed_trial_measure_from_the_resume():
+def test_progress_lines_of_a_resumed_trial_measure_from_the_resume(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(cli, 'time', clock)
     out = io.StringIO()  # resumed at iteration 500000 with 100 s of evaluation behind it
     log = cli.ProgressLog('m/a trial 0', total=10 ** 6, evals_total=11, every=30.0, warmup=2, stream=out,
                           start=500_000, start_eval_time=100.0)
     log.update(500_001, 2.5, 100.0, 6)
-    time.sleep(0.01)
+    clock.now += 0.01
     log.update(500_002, 2.4, 100.0, 6)
     text = out.getvalue()
     assert 'm/a trial 0: resumed at iteration 500000: projected time of the rest ~' in text, text
-    # >= 10 ms over the 2 steps of this run (not over 500002 steps, nor less the earlier evaluations)
-    assert float(text.split('(')[1].split(' ms per step')[0]) >= 4
+    # 10 ms over the 2 steps of this run (not over 500002 steps, nor less the earlier evaluations)
+    assert float(text.split('(')[1].split(' ms per step')[0]) == 5
 
 
-def test_ctrl_c_stops_even_inside_a_long_torch_operation(tmp_path):
+def test_ctrl_c_stops_even_inside_a_long_torch_operation(tmp_path, procs):
     script = tmp_path / 'stuck.py'
     script.write_text(f"import sys, torch\nsys.path.insert(0, {ROOT!r})\nimport cli\ntorch.set_num_threads(1)\n"
                       "cli.stop_promptly_on_ctrl_c(grace=1.0)\na = torch.rand(2000, 2000)\nprint('ready', flush=True)\n"
                       "torch.linalg.matrix_power(a, 2 ** 40)  # one call: ~40 matmuls, many seconds\n"
                       "print('finished', flush=True)\n")
-    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = procs.start([sys.executable, str(script)], limit(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    text=True)
     assert p.stdout.readline().strip() == 'ready'
-    time.sleep(0.3)
+    # inside the call once it has used CPU time after 'ready' (nothing else runs): an event
+    # of the process itself, whatever the machine's load
+    used = cpu_seconds(p.pid)
+    wait_for(lambda: cpu_seconds(p.pid) > used + 0.5, limit(), 'the long operation under way', proc=p)
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
+    out, err = procs.communicate(p)
     assert p.returncode == cli.EXIT_INTERRUPT and 'finished' not in out
     assert 'did not stop within 1 s' in one_line(err)
 
 
-def test_ctrl_c_during_a_trial_exits_130_and_leaves_no_result(corpus, tmp_path):
-    p = subprocess.Popen([sys.executable, 'train.py', '--model', 'minigpt', '--activation', 'relu', '--trials', '1',
-                          *TINY, '--max_iters', '1000000', '--data', corpus, '--results-dir', str(tmp_path)],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_ctrl_c_during_a_trial_exits_130_and_leaves_no_result(corpus, tmp_path, procs):
+    p = procs.start([sys.executable, 'train.py', '--model', 'minigpt', '--activation', 'relu', '--trials', '1',
+                     *TINY, '--max_iters', '1000000', '--data', corpus, '--results-dir', str(tmp_path)],
+                    limit(trials=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = p.stderr.readline()  # not a terminal: the projected time comes after the first steps
     assert 'minigpt/relu trial 0: projected trial time' in line, line
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
+    _, err = procs.communicate(p)
     assert p.returncode == cli.EXIT_INTERRUPT
     assert 'interrupted: minigpt/relu trial 0 stopped and left no result' in one_line(err)
     # only the mid-trial checkpoint (one every 2 steps) that the same command resumes from
@@ -295,7 +314,7 @@ def test_dry_run_reads_no_data(studies, corpus, tmp_path, monkeypatch, capsys):
         assert not line.startswith('estimated time') or '~' in line
 
 
-def test_help_describes_every_config_field_and_lists_names(capsys):
+def test_help_describes_every_config_field_and_lists_names(capsys, procs):
     with pytest.raises(SystemExit):
         train.main(['--help'])
     out = ' '.join(capsys.readouterr().out.split())  # argparse wraps lines
@@ -304,7 +323,7 @@ def test_help_describes_every_config_field_and_lists_names(capsys):
     assert '(default 128; gpu 256, gpu_full 384)' in out  # n_embd in every preset that changes it
     assert 'one of charlm, tinylstm, minigpt' in out and 'smelu_<beta>' in out
     assert 'exit status: 0 done; 1 a failure while running' in out
-    p = subprocess.run([sys.executable, 'model_factories.py', '--help'], cwd=ROOT, capture_output=True, text=True)
+    p = procs.run([sys.executable, 'model_factories.py', '--help'], limit())
     assert p.returncode == 0 and '--n_embd' in p.stdout and '--max_iters' not in p.stdout
     assert '--learning_rate' not in p.stdout
 

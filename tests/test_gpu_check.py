@@ -5,6 +5,7 @@ optional package (a GPU image may lack mnist1d)."""
 import json
 import os
 import sys
+import time
 
 from conftest import ROOT
 
@@ -16,6 +17,14 @@ TIMEOUT = 1800  # a busy 2-core machine; it takes ~100 s on one shared by four
 ENV = {'PYTHON': sys.executable}  # the script's Python: this one, venv or not
 
 
+def run(procs, argv, env=None):
+    """gc.run's Result, the command run through `procs`: it ends with the test, with all it
+    started (the inner pytest's fork server and commands lead sessions of their own)."""
+    t0 = time.monotonic()
+    p = procs.run(argv, TIMEOUT, env={**os.environ, **(env or {})})
+    return gc.Result(argv, p.returncode, p.stdout, p.stderr, time.monotonic() - t0)
+
+
 def report(out):
     with open(os.path.join(out, 'gpu_check.json')) as f:
         j = json.load(f)
@@ -23,13 +32,12 @@ def report(out):
         return j, f.read()
 
 
-def test_cpu_quick_run_passes_every_check_and_writes_its_report(tmp_path):
+def test_cpu_quick_run_passes_every_check_and_writes_its_report(tmp_path, procs):
     out = str(tmp_path / 'report')
     # a budget no machine reaches: every check must run and pass (the budget is tested below);
     # no corpus where it looks, as on a GPU machine: the stand-in is made and said
     env = {**ENV, 'REPRO_DATA_DIR': str(tmp_path / 'no_data')}
-    r = gc.run(['bash', SCRIPT, '--device', 'cpu', '--quick', '--out', out, '--budget', '7200'], env=env,
-               timeout=TIMEOUT)
+    r = run(procs, ['bash', SCRIPT, '--device', 'cpu', '--quick', '--out', out, '--budget', '7200'], env=env)
     assert r.rc == 0, r
     j, md = report(out)
     tests = {t['test']: t['outcome'] for t in j['tests']}
@@ -49,9 +57,9 @@ def test_cpu_quick_run_passes_every_check_and_writes_its_report(tmp_path):
     assert {'gpu_check.md', 'gpu_check.json'} <= set(os.listdir(out)) and len(os.listdir(out)) <= 8
 
 
-def test_with_no_time_left_it_stops_cleanly_and_still_reports(tmp_path):
+def test_with_no_time_left_it_stops_cleanly_and_still_reports(tmp_path, procs):
     out = str(tmp_path / 'report')
-    r = gc.run(['bash', SCRIPT, '--device', 'cpu', '--quick', '--out', out, '--budget', '1'], env=ENV, timeout=TIMEOUT)
+    r = run(procs, ['bash', SCRIPT, '--device', 'cpu', '--quick', '--out', out, '--budget', '1'], env=ENV)
     assert r.rc == 1, r  # not everything ran: not a pass
     j, md = report(out)
     assert j['tests'] and {t['outcome'] for t in j['tests']} == {'skipped'}
@@ -61,13 +69,13 @@ def test_with_no_time_left_it_stops_cleanly_and_still_reports(tmp_path):
     assert 'not run: the time budget has' in md
 
 
-def test_language_model_path_imports_no_optional_package(tmp_path):
+def test_language_model_path_imports_no_optional_package(tmp_path, procs):
     """Without mnist1d (and ray): the trainer, the sweep and the analysis import, and asking
     for MNIST-1D says in one line what is missing."""
     code = (f"import sys; sys.path.insert(0, {ROOT!r}); sys.modules['mnist1d'] = None; sys.modules['ray'] = None\n"
             "import train, run_all_experiments, analyze_results, sweep, model_factories, prepare_data, mnist\n"
             "from fileio import DataError\n"
             f"try:\n    mnist.load_mnist1d({str(tmp_path)!r})\nexcept DataError as e:\n    print('refused:', e)\n")
-    r = gc.run([sys.executable, '-c', code], timeout=TIMEOUT)
+    r = run(procs, [sys.executable, '-c', code])
     assert r.rc == 0, r
     assert 'refused: dataset mnist1d needs the package mnist1d, which is not installed' in r.out, r.out

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 from dataclasses import replace
 
@@ -26,7 +25,7 @@ import report
 import run_all_experiments as rae
 import store
 import train
-from conftest import ROOT, trial_path
+from conftest import limit, trial_path
 from fileio import sha256_file
 from prepare_data import make_task
 from config import RunOptions
@@ -65,18 +64,13 @@ def assert_same_trial(a, b):
     assert ra['metrics']['train_loss'] == rb['metrics']['train_loss']
 
 
-def killed(fn, kill_at):
-    """Run fn() in a forked child with REPRO_TEST_KILL_AT=kill_at; assert that it died by SIGKILL."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            os.environ[checkpoint.KILL_ENV] = kill_at
-            fn()
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
+def killed(procs, fn, kill_at, trials=1):
+    """Run fn() in a forked child with REPRO_TEST_KILL_AT=kill_at; assert that it died by SIGKILL.
+    The child is reaped (or killed and reaped) with the test, however it ends."""
+    def child():
+        os.environ[checkpoint.KILL_ENV] = kill_at
+        fn()
+    status = procs.wait(procs.fork(child, limit(trials=trials, processes=0)))
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"not killed at {kill_at}: {status}"
 
 
@@ -120,11 +114,11 @@ def uninterrupted(corpus, tmp_path_factory):
     ('dropout', ['checkpoint-write:2'], [4], 'while writing, --vary dropout'),
 ])
 def test_sigkilled_trial_resumes_bitwise(vary, kills, resumed_from, where, corpus, tmp_path, uninterrupted,
-                                         capsys):
+                                         capsys, procs):
     argv = train_argv(corpus, tmp_path, vary)
     ckpt = KEY(tmp_path).ckpt
     for kill_at in kills:
-        killed(lambda: train.main(argv), kill_at)
+        killed(procs, lambda: train.main(argv), kill_at)
         assert os.path.exists(ckpt) and not os.path.exists(trial_path(str(tmp_path), 's', 'minigpt', 'gelu', 0))
         assert bool(store.checkpoint_temp_files(KEY(tmp_path))) == kill_at.startswith('checkpoint-write')  # half a file: unused
     train.main(argv)  # the same command again
@@ -135,13 +129,12 @@ def test_sigkilled_trial_resumes_bitwise(vary, kills, resumed_from, where, corpu
     assert f"resumed from iteration {', '.join(map(str, resumed_from))}" in capsys.readouterr().out
 
 
-def test_sigkilled_train_py_process_resumes_bitwise(corpus, tmp_path, uninterrupted):
+def test_sigkilled_train_py_process_resumes_bitwise(corpus, tmp_path, uninterrupted, procs):
     """The real command line in a real process."""
     argv = [sys.executable, 'train.py', *train_argv(corpus, tmp_path)]
-    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, checkpoint.KILL_ENV: 'step:5'})
+    p = procs.run(argv, limit(trials=1), env={**os.environ, checkpoint.KILL_ENV: 'step:5'})
     assert p.returncode == -signal.SIGKILL, p.stderr
-    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    p = procs.run(argv, limit(trials=1))
     assert p.returncode == 0, p.stderr
     rec, probs = trial_files(tmp_path)
     assert rec['resumed_from'] == [4] and 'resumed from iteration 4' in p.stdout
@@ -297,7 +290,7 @@ def test_a_json_of_another_config_is_still_refused_as_such(corpus, tmp_path, cap
     assert 'damaged' not in err
 
 
-def test_sweep_killed_ten_times_finishes_every_trial_once(corpus, tmp_path, capsys):
+def test_sweep_killed_ten_times_finishes_every_trial_once(corpus, tmp_path, capsys, procs):
     """Ten SIGKILLs in a row at seeded random points (a training step, or half-way through
     writing a checkpoint), each followed by the same command; then it runs to the end."""
     ref, results = tmp_path / 'ref', tmp_path / 'r'
@@ -306,7 +299,7 @@ def test_sweep_killed_ten_times_finishes_every_trial_once(corpus, tmp_path, caps
     finished = {}
     for _ in range(10):  # 10 kills x at most 8 steps < the 96 steps of the grid: every run is killed
         kill_at = rng.choice([f'step:{rng.randint(1, 8)}', f'checkpoint-write:{rng.randint(1, 2)}'])
-        killed(lambda: rae.main(sweep_argv(corpus, results, max_iters='16')), kill_at)
+        killed(procs, lambda: rae.main(sweep_argv(corpus, results, max_iters='16')), kill_at, trials=len(JOBS))
         for j in JOBS:
             p = trial_path(str(results), 's', *j)
             if os.path.exists(p):  # a finished trial is whole and never rewritten

@@ -13,6 +13,7 @@ import checkpoint
 import store
 import train
 from config import RunOptions, get_config, snapshot_bytes, takes_snapshots
+from conftest import limit
 from model_factories import MODEL_NAMES
 
 
@@ -48,17 +49,14 @@ def test_auto_takes_snapshots_only_while_they_are_small():
         RunOptions(snapshots='sometimes')
 
 
-def test_a_resumed_trial_keeps_the_snapshots_taken_before_the_kill(tiny_config, tmp_path):
+def test_a_resumed_trial_keeps_the_snapshots_taken_before_the_kill(tiny_config, tmp_path, procs):
     cfg = replace(tiny_config, dropout=0.1, max_iters=8, eval_interval=2)
     _, ref = trial(cfg, tmp_path / 'ref', 'minigpt', 'on')
-    pid = os.fork()
-    if pid == 0:  # the child: killed after 5 steps (checkpoint at 4 holds snapshots 0, 2, 4)
-        try:
-            os.environ[checkpoint.KILL_ENV] = 'step:5'
-            trial(cfg, tmp_path / 'res', 'minigpt', 'on')
-        finally:
-            os._exit(1)
-    _, status = os.waitpid(pid, 0)
+
+    def killed_after_5_steps():  # the checkpoint at 4 holds snapshots 0, 2, 4
+        os.environ[checkpoint.KILL_ENV] = 'step:5'
+        trial(cfg, tmp_path / 'res', 'minigpt', 'on')
+    status = procs.wait(procs.fork(killed_after_5_steps, limit(trials=1, processes=0)))
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     rec, res = trial(cfg, tmp_path / 'res', 'minigpt', 'on')
     assert rec['resumed_from'] == [4]

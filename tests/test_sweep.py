@@ -23,7 +23,7 @@ import sweep
 import time_estimate
 import train
 from config import RunOptions
-from conftest import ROOT, trial_path
+from conftest import ROOT, limit, trial_path, wait_for, wait_gone
 from fileio import json_ready, sha256_file
 from plan import Job
 
@@ -244,44 +244,40 @@ KILL_TINY = [*TINY[:10], '--max_iters', '300', '--eval_interval', '100', '--eval
 KILL_GRID = ['--models', 'minigpt', 'charlm', '--activations', 'relu', 'gelu', '--trials', '3']
 
 
-def start_sweep(corpus, results):
+def start_sweep(procs, corpus, results, trials=12):
+    """The kill grid's sweep in a process group of its own (we can see its workers), ended
+    with the test whatever happens; its limit: a new process and `trials` trials."""
     cmd = [sys.executable, 'run_all_experiments.py',
            *argv(corpus, results, '--no-analyze', '--workers', '2', grid=KILL_GRID, tiny=KILL_TINY)]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group: we can see its workers
+    return procs.start(cmd, limit(trials=trials), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_first_trial(proc, results, timeout=60):
-    t0 = time.time()
-    while not glob.glob(str(results / 's' / '*' / '*' / 'trial_*.json')):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < timeout, 'no trial finished'
-        time.sleep(0.02)
+def finished_trials(results):
+    return glob.glob(str(results / 's' / '*' / '*' / 'trial_*.json'))
 
 
-def group_gone(pgid, timeout=10):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
+def wait_for_first_trial(proc, results):
+    """Waits for a trial's file, not for a time; returns that trial's all-in seconds."""
+    wait_for(lambda: finished_trials(results), limit(trials=1), 'a first finished trial', proc=proc)
+    with open(finished_trials(results)[0]) as f:
+        return json.load(f)['metrics']['total_time']
 
 
 def all_trials():
     return [(m, a, k) for m in ('minigpt', 'charlm') for a in ('relu', 'gelu') for k in range(3)]
 
 
-def test_sigkill_at_a_random_moment_then_restart_finishes_each_trial_once(corpus, tmp_path):
+def test_sigkill_at_a_random_moment_then_restart_finishes_each_trial_once(corpus, tmp_path, procs):
     results = tmp_path / 'results'
-    proc = start_sweep(corpus, results)
-    wait_for_first_trial(proc, results)
-    time.sleep(random.Random(4).uniform(0.0, 1.2))  # a seeded random moment after the first trial
+    proc = start_sweep(procs, corpus, results)
+    seconds = wait_for_first_trial(proc, results)
+    # a seeded random moment within ~one trial's time after the first trial, in the machine's
+    # own units: on a fast or a busy machine alike, trials are in flight and most are to run
+    time.sleep(random.Random(4).uniform(0.0, 1.2) * seconds)
     proc.send_signal(signal.SIGKILL)  # the driver only, as the OOM killer would
-    proc.communicate()
-    assert group_gone(proc.pid), 'worker processes outlived the killed sweep'
+    procs.communicate(proc)  # returns once the workers, which hold its pipes, are gone too
+    assert proc.returncode == -signal.SIGKILL
+    assert wait_gone(proc.pid), 'worker processes outlived the killed sweep'
     before = {t: record(results, *t)['provenance']['started_at'] for t in all_trials()
               if os.path.exists(trial_path(str(results), 's', *t))}
     assert before
@@ -290,9 +286,10 @@ def test_sigkill_at_a_random_moment_then_restart_finishes_each_trial_once(corpus
         assert sha256_file(trial_path(str(results), 's', *t, 'npz')) == \
             record(results, *t)['predictions_sha256']
 
-    proc = start_sweep(corpus, results)
-    out, err = proc.communicate(timeout=120)
+    proc = start_sweep(procs, corpus, results)
+    out, err = procs.communicate(proc)
     assert proc.returncode == 0, err
+    assert wait_gone(proc.pid), 'worker processes outlived the finished sweep'
     trained = sorted(ln.split(':')[0].split('] ')[1] for ln in out.splitlines() if 'val loss' in ln)
     assert trained == sorted(f"{m}/{a} trial {k}" for m, a, k in all_trials() if (m, a, k) not in before)
     assert f"{len(trained)} trial(s) trained, {len(before)} already done, 0 failed" in out
@@ -316,15 +313,15 @@ def test_stray_temp_files_include_half_written_checkpoints(tmp_path):
     assert sorted(os.listdir(folder)) == ['.trial_1.ckpt', 'trial_0.json', 'trial_0.npz']
 
 
-def test_ctrl_c_stops_cleanly_and_says_what_finished(corpus, tmp_path):
+def test_ctrl_c_stops_cleanly_and_says_what_finished(corpus, tmp_path, procs):
     results = tmp_path / 'results'
-    proc = start_sweep(corpus, results)
+    proc = start_sweep(procs, corpus, results)
     wait_for_first_trial(proc, results)
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
-    out, err = proc.communicate(timeout=60)
+    out, err = procs.communicate(proc)
     assert proc.returncode == 130, err
     assert 'interrupted:' in err and 'trial(s) finished in this run' in err and 'resume' in err
-    assert group_gone(proc.pid)
+    assert wait_gone(proc.pid)
     assert_every_file_parses(results)
     n = len(glob.glob(str(results / 's' / '*' / '*' / 'trial_*.json')))
     assert 1 <= n and f"{n} of 12 done" in err

@@ -3,7 +3,6 @@ import glob
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from dataclasses import replace
 
@@ -15,7 +14,7 @@ import fileio
 import prepare_data
 import train
 from config import get_config, preset_names
-from conftest import ROOT, trial_path
+from conftest import ROOT, limit, trial_path
 from model_factories import build_model
 from fileio import DataError
 from prepare_data import make_task
@@ -74,20 +73,20 @@ def test_overrides_and_bad_values():
     (['--n_embd', '30'], 'divisible'),
     (['--vary', 'seeds'], "invalid choice: 'seeds'"),
 ])
-def test_cli_errors_are_one_line_and_nonzero(args, needle, tmp_path):
-    p = subprocess.run([sys.executable, 'train.py', '--model', 'minigpt', '--activation', 'gelu',
-                        '--results-dir', str(tmp_path), *args], cwd=ROOT, capture_output=True, text=True)
+def test_cli_errors_are_one_line_and_nonzero(args, needle, tmp_path, procs):
+    p = procs.run([sys.executable, 'train.py', '--model', 'minigpt', '--activation', 'gelu',
+                   '--results-dir', str(tmp_path), *args], limit())
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], p.stderr
     assert not os.listdir(tmp_path)
 
 
-def test_cli_unknown_model_and_activation_list_choices(tmp_path):
+def test_cli_unknown_model_and_activation_list_choices(tmp_path, procs):
     for flag, bad, valid in (('--model', 'gpt9', 'nanotransformer'), ('--activation', 'relu9', 'geglu')):
         argv = {'--model': 'minigpt', '--activation': 'gelu', flag: bad}
-        p = subprocess.run([sys.executable, 'train.py', *sum(([k, v] for k, v in argv.items()), []),
-                            '--results-dir', str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+        p = procs.run([sys.executable, 'train.py', *sum(([k, v] for k, v in argv.items()), []),
+                       '--results-dir', str(tmp_path)], limit())
         assert p.returncode != 0 and valid in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
@@ -342,11 +341,11 @@ def test_defaults_are_the_plain_adamw_recipe(tiny_config, tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.mark.skipif(not HAVE_SHAKESPEARE, reason='Tiny Shakespeare not found (set REPRO_DATA_DIR)')
-def test_end_to_end_on_the_real_corpus(tmp_path):
-    p = subprocess.run([sys.executable, 'train.py', '--model', 'minigpt', '--activation', 'swiglu',
-                        '--config', 'cpu', '--trials', '2', '--max_iters', '6', '--eval_interval', '3',
-                        '--eval_iters', '2', '--n_eval', '50', '--results-dir', str(tmp_path),
-                        '--data-dir', SHAKESPEARE_DIR], cwd=ROOT, capture_output=True, text=True)
+def test_end_to_end_on_the_real_corpus(tmp_path, procs):
+    p = procs.run([sys.executable, 'train.py', '--model', 'minigpt', '--activation', 'swiglu',
+                   '--config', 'cpu', '--trials', '2', '--max_iters', '6', '--eval_interval', '3',
+                   '--eval_iters', '2', '--n_eval', '50', '--results-dir', str(tmp_path),
+                   '--data-dir', SHAKESPEARE_DIR], limit(trials=2))
     assert p.returncode == 0, p.stderr
     # a run with overrides says where its results go, and it is not the preset's own folder
     study = tmp_path / 'cpu_eval_interval3_eval_iters2_max_iters6_n_eval50'
