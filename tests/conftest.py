@@ -112,28 +112,49 @@ def limit(trials=0, processes=1):
 _open_groups = {}  # pgid -> its record (Processes): groups started by tests, not yet seen gone
 
 
+def _stat(pid):
+    """The fields of /proc/<pid>/stat after the command name: [0] state, [1] ppid, [2] pgrp,
+    [11] utime, [12] stime (clock ticks); None once the process is gone (Linux)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rindex(')') + 2:].split()
+
+
+def _live():
+    """(pid, stat fields) of every live process: a zombie is dead (it waits for its parent,
+    or init, to reap it) and is not listed. None without /proc."""
+    for name in os.listdir('/proc') if os.path.isdir('/proc/self') else ():
+        fields = _stat(name) if name.isdigit() else None
+        if fields and fields[0] not in 'ZX':
+            yield int(name), fields
+
+
 def live_members(pgid):
-    """Pids of the live processes of group `pgid`. A zombie is dead (it waits for its parent,
-    or init, to reap it): not counted. Linux reads /proc; elsewhere the kernel's answer."""
+    """Pids of the live processes of group `pgid`. Linux reads /proc; elsewhere the kernel's
+    answer (zombies included)."""
     if not os.path.isdir('/proc/self'):
         try:
             os.killpg(pgid, 0)
             return [pgid]
         except ProcessLookupError:
             return []
-    pids = []
-    for name in os.listdir('/proc'):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f'/proc/{name}/stat') as f:
-                stat = f.read()
-        except OSError:  # ended meanwhile
-            continue
-        state, _ppid, pgrp = stat[stat.rindex(')') + 2:].split()[:3]
-        if int(pgrp) == pgid and state not in 'ZX':
-            pids.append(int(name))
-    return pids
+    return [pid for pid, fields in _live() if int(fields[2]) == pgid]
+
+
+def descendants(pid=None):
+    """Pids of the live descendants of process `pid` (default: this one), Linux."""
+    children = {}
+    for child, fields in _live():
+        children.setdefault(int(fields[1]), []).append(child)
+    found, todo = set(), [pid or os.getpid()]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.add(c)
+            todo.append(c)
+    return found
 
 
 def wait_for(condition, limit, what, proc=None, poll=0.05):
@@ -159,11 +180,9 @@ def wait_gone(pgid, limit=START_LIMIT):
 
 
 def cpu_seconds(pid):
-    """CPU time (user + system) that process `pid` has used so far (Linux)."""
-    with open(f'/proc/{pid}/stat') as f:
-        stat = f.read()
-    utime, stime = stat[stat.rindex(')') + 2:].split()[11:13]
-    return (int(utime) + int(stime)) / os.sysconf('SC_CLK_TCK')
+    """CPU time (user + system) that process `pid` has used so far (Linux); NaN once reaped."""
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK') if fields else float('nan')
 
 
 MARK = 'REPRO_TEST_PROCESS'  # in the environment of each process a test starts: its tag
@@ -174,20 +193,13 @@ def marked(tag):
     """{pid: pgid} of the live processes whose environment carries MARK=tag: a command and its
     descendants, those too that left its group for a session of their own (Linux)."""
     entry, found = f'{MARK}={tag}'.encode(), {}
-    for name in os.listdir('/proc') if os.path.isdir('/proc/self') else []:
-        if not name.isdigit():
-            continue
+    for pid, fields in _live():
         try:
-            with open(f'/proc/{name}/environ', 'rb') as f:
-                if entry not in f.read().split(b'\0'):
-                    continue
-            with open(f'/proc/{name}/stat') as f:
-                stat = f.read()
+            with open(f'/proc/{pid}/environ', 'rb') as f:
+                if entry in f.read().split(b'\0'):
+                    found[pid] = int(fields[2])
         except OSError:  # ended meanwhile, or not ours
-            continue
-        state, _ppid, pgrp = stat[stat.rindex(')') + 2:].split()[:3]
-        if state not in 'ZX':
-            found[int(name)] = int(pgrp)
+            pass
     return found
 
 

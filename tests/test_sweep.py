@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from multiprocessing import resource_tracker
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ import sweep
 import time_estimate
 import train
 from config import RunOptions
-from conftest import ROOT, limit, trial_path, wait_for, wait_gone
+from conftest import ROOT, descendants, limit, trial_path, wait_for, wait_gone
 from fileio import json_ready, sha256_file
 from plan import Job
 
@@ -217,7 +218,10 @@ def test_each_job_runs_with_its_own_config_and_study(tiny_config, tmp_path):
 # ----------------------------------------------------------------------------- parallel and distributed
 
 def test_two_workers_give_the_same_predictions_as_one(reference, corpus, tmp_path, capsys):
+    resource_tracker.ensure_running()  # multiprocessing's helper: it lives as long as this process
+    before = descendants()
     assert rae.main(argv(corpus, tmp_path, '--no-analyze', '--workers', '2')) == 0
+    assert not descendants() - before, 'a worker outlived the sweep'  # joined before it returns
     out = capsys.readouterr().out
     assert '2 worker process(es) on cpu, 1 thread(s) per trial' in out
     assert len([ln for ln in out.splitlines() if 'val loss' in ln]) == 8
@@ -227,6 +231,7 @@ def test_two_workers_give_the_same_predictions_as_one(reference, corpus, tmp_pat
 
 def test_ray_executor_gives_the_same_predictions_as_local(reference, corpus, tmp_path, capsys):
     ray = pytest.importorskip('ray', reason='Ray is optional (pip install "ray[default]")')
+    before = descendants()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert rae.main(argv(corpus, tmp_path, '--no-analyze', '--executor', 'ray')) == 0
@@ -235,6 +240,7 @@ def test_ray_executor_gives_the_same_predictions_as_local(reference, corpus, tmp
         assert '0 trial(s) trained, 8 already done' in capsys.readouterr().out
     finally:
         ray.shutdown()
+    wait_for(lambda: not descendants() - before, limit(), "Ray's processes to end after ray.shutdown()")
     assert_same_predictions(reference, tmp_path)
 
 
