@@ -338,11 +338,10 @@ def test_a_sweep_prints_one_closing_summary(studies, tmp_path, corpus, capsys):
     assert closing[0].startswith('0 trial(s) trained, 4 already done, 0 failed') and 'REPORT.md' in closing[0]
 
 
-def test_help_and_usage_errors_load_no_torch():
+def test_help_and_usage_errors_load_no_torch(procs):
     """--help and a usage error answer before torch (or scipy) is imported (issue 20)."""
     for argv in (['--help'], ['--max-iter', '3'], ['--models', 'nosuch']):
-        p = subprocess.run([sys.executable, '-X', 'importtime', 'run_all_experiments.py', *argv], cwd=ROOT,
-                           capture_output=True, text=True, timeout=600)
+        p = procs.run([sys.executable, '-X', 'importtime', 'run_all_experiments.py', *argv], limit())
         imported = [ln.split('|')[-1].strip() for ln in p.stderr.splitlines() if ln.startswith('import time:')]
         assert imported and not [m for m in imported if m.split('.')[0] in ('torch', 'scipy')], argv
         assert p.returncode == (0 if argv == ['--help'] else 2), (argv, p.stderr[-300:])
