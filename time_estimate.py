@@ -64,7 +64,8 @@ def _earlier_times(results_dir):
                 if math.isfinite(t['total_time']):
                     found.append({'model': t['model'], 'activation': t['activation'], 'config': t['config'],
                                   'total_time': float(t['total_time']), 'threads': t.get('threads'),
-                                  'where': show_path(BENCH_FIGURES)})
+                                  'where': show_path(BENCH_FIGURES), 'training_time': t.get('training_time'),
+                                  'eval_time': t.get('eval_time'), 'iters': t.get('iters'), 'evals': t.get('evals')})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     return found

@@ -47,10 +47,14 @@ def run_once(workers, args, passthrough):
         for path in sorted(glob.glob(os.path.join(results, 'bench', '*', '*', 'trial_*.json'))):
             with open(path) as f:
                 r = json.load(f)
+            m = r['metrics']
             trials.append({'model': r['model'], 'activation': r['activation'], 'trial': r['trial'],
-                           'config': r['config'], 'total_time': r['metrics']['total_time'],
-                           'val_loss': r['metrics']['val_loss'], 'threads': r['provenance']['threads'],
-                           'workers': workers})
+                           'config': r['config'], 'total_time': m['total_time'],
+                           'val_loss': m['val_loss'], 'threads': r['provenance']['threads'],
+                           'workers': workers,
+                           # the split the dry run scales to other iteration counts (time_estimate)
+                           'training_time': m['training_time'], 'eval_time': m['eval_time'], 'iters': m['iters'],
+                           'evals': len(r['history']['iter'])})
     expected = len(args.models) * len(args.activations) * args.trials
     if len(trials) != expected:
         sys.exit(f"error: --workers {workers} left {len(trials)} trial results, expected {expected}")

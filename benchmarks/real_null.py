@@ -51,10 +51,13 @@ def main(argv=None):
     p.add_argument('--activation', required=True)
     p.add_argument('--max-splits', type=int, default=0, help='at most this many splits, drawn at random (0: all)')
     p.add_argument('--out', default=None, help='JSON of the figures (default: print only)')
+    p.add_argument('--min-trials', type=int, default=16,
+                   help='refuse fewer trials than this (default 16: 12,870 splits; 10 gives only 126)')
     args = p.parse_args(argv)
     ids, probs = load_cell(args.study_dir, args.model, args.activation)
-    if len(ids) < 16:
-        sys.exit(f"error: {len(ids)} trials of {args.model}/{args.activation}; the real-data null needs at least 16")
+    if len(ids) < args.min_trials:
+        sys.exit(f"error: {len(ids)} trials of {args.model}/{args.activation}; the real-data null needs at least "
+                 f"{args.min_trials} (--min-trials)")
     pairs, values = metrics.pairwise(probs, {'relative_pd': metrics.relative_pd})
     d = metrics.pair_matrix(len(ids), pairs, values['relative_pd'])
     t0, ps = time.time(), []
