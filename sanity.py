@@ -16,7 +16,7 @@ from fileio import is_number
 SEED_KEYS = ('init', 'data', 'dropout')  # the seeds that drive randomness; trial_seed is a label
 # Sanity rules compare a suspicious distance with the relative PD between trials of different
 # seeds of the same model. Activations and seeds change this project's predictions by 9-16%
-# relative PD (README, main job) and no two groups of a model differ in it by more than a factor
+# relative PD (docs/studies.md, the main job) and no two groups of a model differ in it by more than a factor
 # of 2, while the same computation repeated (a GPU without deterministic kernels) moves
 # probabilities by ~1e-4 relative, i.e. ~0.1% of that or less. 1% sits an order of magnitude
 # above the second and below any real difference, so below it two trials are "the same model".
