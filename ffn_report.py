@@ -42,9 +42,14 @@ def k_limit(n_runs):
 
 
 def is_study_grid(root):
-    """True for a folder of study folders (a grid design's root) that is not a study itself."""
-    return (not glob.glob(os.path.join(root, '*', '*', 'trial_*.json'))
-            and bool(glob.glob(os.path.join(root, '*', '*', '*', 'trial_*.json'))))
+    """True for a folder of study folders whose trials are all the FFN classifier's (a grid
+    design's root), not a study itself. A folder of language-model studies (results/, say) is
+    not one: the analysis then names the studies it holds (analyze_results.no_trials_message)."""
+    if glob.glob(os.path.join(root, '*', '*', 'trial_*.json')):
+        return False
+    models = {os.path.basename(os.path.dirname(os.path.dirname(p)))
+              for p in glob.glob(os.path.join(root, '*', '*', '*', 'trial_*.json'))}
+    return models == {'ffn'}
 
 
 def _ffn_cell(cell_dir, baseline, load_study, build_summary):

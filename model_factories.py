@@ -163,7 +163,7 @@ if __name__ == '__main__':
         parser.exit(EXIT_USAGE, f"error: {e}\n")
     config = replace(config, vocab_size=config.vocab_size or 65)  # Tiny Shakespeare's vocabulary
     names = [a for a in ACTIVATION_NAMES if a != 'silu']  # silu is an alias of swish
-    print(f"parameters under preset {args.config!r} (vocab {config.vocab_size}, "
+    print(f"parameters under preset {args.config or 'cpu'!r} (vocab {config.vocab_size}, "
           f"{config.n_layer} layers, n_embd {config.n_embd})")
     print(f"{'model':16s}" + ''.join(f"{a:>11s}" for a in names))
     for m in MODEL_NAMES:

@@ -116,8 +116,8 @@ def statistics_section(s):
     ns = sorted({r['n_trials'] for r in s['results']})
     out = ["## Statistics", "",
            f"Intervals are {st['confidence_level']:.0%} intervals over *trials* (pairs that share a trial are not "
-           f"independent): {st['pairwise_ci']} for means over pairs of trials, {st['trial_ci']} for per-trial "
-           f"metrics. In simulated studies with a known truth these covered it in at least 90% of studies from "
+           f"independent). For means over pairs of trials: {st['pairwise_ci']}. For per-trial metrics: "
+           f"{st['trial_ci']}. In simulated studies with a known truth these covered it in at least 90% of studies from "
            f"{st['min_trials_for_ci']} trials per group on (docs/analysis.md); with fewer trials no interval "
            f"is given and the range of the pair values is shown instead, labelled as such. "
            f"A {st['confidence_level']:.0%} interval needs at least {st['min_trials_for_ci']} trials per group.", "",

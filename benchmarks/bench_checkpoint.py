@@ -70,7 +70,7 @@ def main():
     config = replace(config, **task.config_updates())
     every = config.eval_interval
     n_saves = len(range(every, config.max_iters, every))
-    print(f"preset {args.config}: {config.max_iters} iters, checkpoint every {every} (the default) = {n_saves} "
+    print(f"preset {args.config or 'cpu'}: {config.max_iters} iters, checkpoint every {every} (the default) = {n_saves} "
           f"saves per trial; activation {args.activation}; {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     print(f"{'model':10s} {'ckpt MB':>8s} {'save ms':>8s} {'load ms':>8s} {'trial s, every 0':>17s} "

@@ -72,7 +72,7 @@ def main():
     task = make_task(config, args.data_dir)
     config = replace(config, **task.config_updates())
     tokens = config.batch_size * config.block_size
-    print(f"preset {args.config}: {config.n_layer} layers, n_embd {config.n_embd}, block {config.block_size}, "
+    print(f"preset {args.config or 'cpu'}: {config.n_layer} layers, n_embd {config.n_embd}, block {config.block_size}, "
           f"batch {config.batch_size}; switchlm: {config.n_experts} experts, top-{config.top_k}, capacity "
           f"factor {config.capacity_factor}, MoE every {config.moe_every} block(s); "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")

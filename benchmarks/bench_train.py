@@ -60,7 +60,7 @@ def main():
     task = make_task(config, args.data_dir)
     config = replace(config, **task.config_updates())
     all_in = args.models if args.all_in == ['all'] else args.all_in
-    print(f"preset {args.config}: {config.n_layer} layers, n_embd {config.n_embd}, block {config.block_size}, "
+    print(f"preset {args.config or 'cpu'}: {config.n_layer} layers, n_embd {config.n_embd}, block {config.block_size}, "
           f"batch {config.batch_size}, {config.max_iters} iters, eval every {config.eval_interval} x "
           f"{config.eval_iters} batches; activation {args.activation}; {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")

@@ -545,3 +545,14 @@ def test_routing_agreement_in_summary_report_and_plot(tmp_path):
     rec_path.write_text(json.dumps(rec))
     s2 = analyze_results.build_summary(str(study))
     assert any('trial_2.json' in b['path'] and 'routing' in b['reason'] for b in s2['bad_files'])
+
+
+def test_a_folder_of_studies_is_named_as_such(tmp_path):
+    """analyze_results.py --results-dir results (the parent of several studies): say so and name
+    them, not 'an FFN study grid holds ffn trials only' (issue 20)."""
+    for name in ('cpu', 'cpu_max_iters20'):
+        for k in range(2):
+            write_trial(tmp_path / name, 'minigpt', 'relu', k)
+    with pytest.raises(analyze_results.AnalysisError) as e:
+        analyze_results.analyze(str(tmp_path), plots=False, verbose=False)
+    assert 'is not a study but holds 2 of them: cpu, cpu_max_iters20' in str(e.value)
