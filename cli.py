@@ -223,7 +223,7 @@ def add_run_args(parser, study_help="results sub-folder (default: the preset's n
                              '(default: every evaluation point; 0: none)')
     parser.add_argument('--snapshots', default='auto', choices=SNAPSHOT_MODES,
                         help='save the predictions at every evaluation point too (auto: while they take at '
-                             'most 64 MB per trial)')
+                             'most 64 MiB per trial)')
     add_config_args(parser)
 
 
