@@ -12,7 +12,6 @@ the folder names. No torch.
 """
 import glob
 import json
-import math
 import os
 import sys
 

@@ -123,7 +123,7 @@ def floor_of(model, activations, ref, noise):
     if measured:
         v = float(np.max(measured))
         return REPEAT_FACTOR * v, lambda pd: (f"{pd / v:.2g}x the measured repeat noise {v:.2e}" if v > 0 else
-                                              f"the measured repeat noise is 0 (bitwise repeats)")
+                                              "the measured repeat noise is 0 (bitwise repeats)")
     scales = [ref[a] for a in activations if a in ref]
     if scales:
         v = float(np.mean(scales))

@@ -26,7 +26,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import device  # noqa: E402
-import plan  # noqa: E402
 import time_estimate  # noqa: E402
 from config import Config, Parser  # noqa: E402
 from fileio import write_json  # noqa: E402

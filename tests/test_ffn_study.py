@@ -14,7 +14,6 @@ import analyze_results
 import metrics
 import mnist
 import run_all_experiments as rae
-import sweep
 import plan as planning
 from device import cores
 

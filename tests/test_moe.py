@@ -4,7 +4,6 @@ capacity, routing agreement's invariances, a planted NaN, and a real trial savin
 import glob
 import json
 import math
-import os
 from dataclasses import replace
 
 import numpy as np

@@ -24,7 +24,7 @@ import sweep
 import time_estimate
 import train
 from config import RunOptions
-from conftest import ROOT, descendants, limit, trial_path, wait_for, wait_gone
+from conftest import descendants, limit, trial_path, wait_for, wait_gone
 from fileio import json_ready, sha256_file
 from plan import Job
 
