@@ -52,6 +52,14 @@ def cublas_workspace(deterministic):
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
 
 
+def run_settings(opts, device, amp_dtype, threads=None):
+    """How a trial runs, beyond its identity (the trainer's checkpoint records it; the plan
+    compares it): a checkpoint continues bitwise only under the same. threads: default the
+    torch thread count now in force."""
+    return {'device': device.type, 'dtype': str(amp_dtype), 'compile': opts.compile,
+            'deterministic': opts.deterministic, 'threads': threads or torch.get_num_threads()}
+
+
 def set_determinism(deterministic, device):
     cublas_workspace(deterministic)
     torch.use_deterministic_algorithms(deterministic)

@@ -21,7 +21,7 @@ import store
 from activation_names import ACTIVATION_NAMES, check_activation
 from config import Config, RunOptions, data_fields, get_config, lower_bound_config, task_kind
 from designs import DEFAULT_GRID, DESIGNS, GRID_FLAGS, cells as design_cells, study_names
-from device import autocast_dtype, dtype_name, layout
+from device import autocast_dtype, dtype_name, layout, run_settings
 from fileio import data_dir as resolve_data_dir
 from model_factories import CLASSIFIER_NAMES, MODEL_NAMES, build_model, check_memory, check_model, model_kind
 from prepare_data import make_task
@@ -209,27 +209,23 @@ def check_one_config(jobs, fulls, results_dir):
                                  f"{'; '.join(diffs[:3])}); a study holds one config: use another --study")
 
 
-def run_settings_for(opts, device):
-    """How the trials will run, as train.run_settings records it in a checkpoint."""
-    dev = torch.device(device)
-    amp = autocast_dtype(opts.dtype, dev)
-    return {'device': dev.type, 'dtype': str(amp), 'compile': opts.compile, 'deterministic': opts.deterministic,
-            'threads': opts.threads or torch.get_num_threads(), 'dtype_name': dtype_name(amp)}
-
-
-def job_states(jobs, tasks, opts, run, force):
+def job_states(jobs, tasks, opts, device, force):
     """Each job with its store.State; ValueError naming the first result of another identity
-    (never overwritten unless force). run: how the trials will run (run_settings_for), None
-    with Ray (the nodes decide: the dtype is then not compared here, the trainer compares it)."""
+    (never overwritten unless force). device: where the trials will run; None with Ray (the
+    nodes decide: the dtype and run settings are then not compared here, the trainer does)."""
+    run = dtype = None
+    if device is not None:
+        dev = torch.device(device)
+        amp = autocast_dtype(opts.dtype, dev)
+        run, dtype = run_settings(opts, dev, amp, opts.threads), dtype_name(amp)
     out, conflicts = [], []
     for job in jobs:
         task = tasks[config_key(job.config)]
         full = replace(job.config, **task.config_updates())
         key = job.key(opts.results_dir)
         ident = store.identity(task.kind, job.model, job.activation, job.trial, job.vary or opts.vary, full,
-                               run and run['dtype_name'], opts.deterministic, opts.compile,
-                               getattr(task, 'eval_hash', None))
-        st = store.state(key, ident, run and {k: v for k, v in run.items() if k != 'dtype_name'})
+                               dtype, opts.deterministic, opts.compile, getattr(task, 'eval_hash', None))
+        st = store.state(key, ident, run)
         if st.kind == 'different' and not force:
             conflicts.append((key, st))
         out.append(replace(job, state=st))
@@ -346,7 +342,7 @@ def make_plan(args, one_pair=False):
     jobs += [Job(m, a, k, '/'.join(p for p in (study, root, name, 'repeats') if p), cfg, vary='none')
              for name, cfg in cells for m in models for a in activations for k in range(getattr(args, 'repeats', 0))]
     check_one_config(jobs, fulls, results_dir)
-    jobs = job_states(jobs, tasks, opts, run_settings_for(opts, devices[0]) if ray is None else None, args.force)
+    jobs = job_states(jobs, tasks, opts, devices[0] if ray is None else None, args.force)
     grid = base.get('grid')
     return Plan(design=args.study if design else None, preset=preset, overrides=tuple(overrides), study=study,
                 study_dir=study_dir, results_dir=results_dir, config=fulls[config_key(cells[0][1])],

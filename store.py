@@ -29,7 +29,7 @@ except ImportError:  # not POSIX: no lock between writers, and no harm either
     fcntl = None
 
 from config import Config
-from fileio import atomic_write, is_number, json_ready, set_aside, write_json
+from fileio import atomic_write, is_number, json_ready, set_aside, sha256_file, write_json
 
 SCHEMA_VERSION = 1
 VARY_MODES = ('all', 'init', 'data', 'dropout', 'none')
@@ -298,9 +298,8 @@ def save(key, arrays, record):
     """Save a finished trial: its arrays (.npz), then the JSON that marks it done (with the
     .npz's name and sha256), then drop its checkpoint. Each file is written atomically."""
     atomic_write(key.npz, lambda f: np.savez(f, **arrays))
-    with open(key.npz, 'rb') as f:
-        npz_sha = hashlib.sha256(f.read()).hexdigest()
-    record = json_ready({**record, 'predictions_file': os.path.basename(key.npz), 'predictions_sha256': npz_sha})
+    record = json_ready({**record, 'predictions_file': os.path.basename(key.npz),
+                         'predictions_sha256': sha256_file(key.npz)})
     write_json(key.json, record)
     discard_checkpoint(key)
     return record  # as saved: a non-finite number is None here too

@@ -31,7 +31,8 @@ import plan as planning
 import store
 from activations import ACTIVATION_NAMES
 from config import Parser, RunOptions, n_evaluations, takes_snapshots
-from device import autocast_dtype, cublas_workspace, dtype_name, provenance, resolve_device, set_determinism
+from device import (autocast_dtype, cublas_workspace, dtype_name, provenance, resolve_device, run_settings,
+                    set_determinism)
 from fileio import DataError, atomic_write
 from model_factories import ALL_MODEL_NAMES, build_model, check_activation, check_model, count_parameters, model_kind
 from prepare_data import make_task
@@ -265,12 +266,6 @@ def run_trial(model_name, activation, trial, config, study, opts=RunOptions()):
         atomic_write(key.path('pt'), lambda f: torch.save(model.state_dict(), f))
     metrics['total_time'] = time.time() - t_start
     return store.save(key, arrays, record)
-
-
-def run_settings(opts, dev, amp_dtype):
-    """How a trial runs, beyond its identity: a checkpoint continues bitwise only under the same."""
-    return {'device': dev.type, 'dtype': str(amp_dtype), 'compile': opts.compile,
-            'deterministic': opts.deterministic, 'threads': torch.get_num_threads()}
 
 
 def train(r, s, t_start):
