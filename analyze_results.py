@@ -30,7 +30,10 @@ import numpy as np
 import cli
 import ffn_plots
 import ffn_report
-import metrics
+import intervals
+import pairwise
+import stat_settings
+import stat_tests
 import over_training
 import plot_utils
 import routing_metrics
@@ -126,7 +129,7 @@ def summarize_group(model, activation, trials, warnings):
         values = [row[k] for row in rows]
         # intervals stay inside what the quantity can be: accuracies and fractions in [0, 1], the rest >= 0
         bounds = (0, 1) if k in FRACTIONS else (0, None)
-        stats[k] = metrics.describe(values, bounds=bounds) if all(is_number(v) for v in values) else None
+        stats[k] = intervals.describe(values, bounds=bounds) if all(is_number(v) for v in values) else None
     entry = {
         'model_name': model, 'activation': activation, 'task': recs[0].get('task'), 'vary': recs[0].get('vary'),
         'n_trials': n, 'trial_ids': [t['trial'] for t in trials], 'config': recs[0].get('config'),
@@ -142,8 +145,8 @@ def summarize_group(model, activation, trials, warnings):
         if any(r.get(key) != recs[0].get(key) for r in recs):
             warnings.append(f"{name}: trials have different {key} values: they are not repeats of one experiment")
     try:
-        pairs, values = metrics.compare(trials)
-    except metrics.EvalMismatch as e:
+        pairs, values = pairwise.compare(trials)
+    except pairwise.EvalMismatch as e:
         entry['error'] = f"no PD computed: {e}"
         warnings.insert(0, f"ERROR {name}: {e}; no PD computed for this group")
         return entry
@@ -152,8 +155,8 @@ def summarize_group(model, activation, trials, warnings):
     names = [f"trial {k}" for k in entry['trial_ids']]
     for metric, v in values.items():
         entry['pairwise'][metric] = {'values': v.tolist(), 'std': float(v.std(ddof=1)) if len(v) >= 2 else None,
-                                     **metrics.pairwise_interval(metrics.pair_matrix(n, pairs, v),
-                                                                 scale=metrics.PAIR_METRIC_SCALE[metric], names=names)}
+                                     **intervals.pairwise_interval(pairwise.pair_matrix(n, pairs, v),
+                                                                 scale=pairwise.PAIR_METRIC_SCALE[metric], names=names)}
     entry['avg_relative_pd'] = entry['pairwise']['relative_pd']['mean']
     entry['routing_agreement'] = routing_agreement(name, trials, ids, warnings)
     entry['reproducibility_metrics'] = [
@@ -184,7 +187,7 @@ def routing_agreement(name, trials, ids, warnings):
     pairs = np.array([(i, j) for i, j, _ in r['pairs']])
     v = np.array([a for _, _, a in r['pairs']])
     return {'pairs': ids[pairs].tolist(), 'values': v.tolist(), 'std': float(v.std(ddof=1)) if len(v) >= 2 else None,
-            **metrics.pairwise_interval(metrics.pair_matrix(len(trials), pairs, v), scale='logit'),
+            **intervals.pairwise_interval(pairwise.pair_matrix(len(trials), pairs, v), scale='logit'),
             'per_layer_mean': r['per_layer_mean'], 'chance_mean': r['chance_mean'],
             'method': 'fraction of evaluation tokens whose first-choice experts match after matching '
                       'experts by linear_sum_assignment on co-routing counts; mean over MoE layers'}
@@ -194,9 +197,9 @@ def routing_agreement(name, trials, ids, warnings):
 
 def statistics_block(margin):
     """What summary.json says its statistics are (the report's Statistics section reads it)."""
-    return {'confidence_level': metrics.CONFIDENCE, 'alpha': metrics.ALPHA, 'power': metrics.POWER,
-            'n_permutations': metrics.N_PERMUTATIONS, 'seed': metrics.SEED,
-            'min_trials_for_ci': metrics.MIN_TRIALS_FOR_CI,
+    return {'confidence_level': stat_settings.CONFIDENCE, 'alpha': stat_settings.ALPHA, 'power': stat_settings.POWER,
+            'n_permutations': stat_settings.N_PERMUTATIONS, 'seed': stat_settings.SEED,
+            'min_trials_for_ci': stat_settings.MIN_TRIALS_FOR_CI,
             'pairwise_ci': 'leave-one-trial-out jackknife t-interval of the mean over pairs (T - 1 df), '
                            'on the logit scale for metrics in [0, 1] and the log scale for metrics >= 0; '
                            'marked unreliable, with the trials named, when a trial is an outlier',
@@ -213,7 +216,7 @@ def statistics_block(margin):
             'prediction_shift': 'permutation test over trial labels of between- minus within-group '
                                     'relative PD (null: exchangeable trials)',
             'multiple_comparisons': 'Holm over all comparisons of the study, separately per test',
-            'elementwise_floor': metrics.ELEMENTWISE_FLOOR,
+            'elementwise_floor': pairwise.ELEMENTWISE_FLOOR,
             'std': 'sample standard deviation (ddof=1)'}
 
 
@@ -224,7 +227,7 @@ def build_summary(study_dir, baseline=None, loaded=None, margin=None, snapshots=
     test, relative to the baseline's mean PD; snapshots: (early, late) iterations to compare
     (default: the first after 0 and the last)."""
     trials, bad, failures = loaded or load_study(study_dir)
-    margin = metrics.EQUIVALENCE_MARGIN if margin is None else margin
+    margin = stat_settings.EQUIVALENCE_MARGIN if margin is None else margin
     if not trials:
         raise AnalysisError(no_trials_message(study_dir, bad))
     groups = {}
@@ -345,7 +348,7 @@ def _side(r):
 
 
 def _change(ra, rb, metric):
-    """The change b - a of one group's metric with its interval (metrics.difference_interval)
+    """The change b - a of one group's metric with its interval (stat_tests.difference_interval)
     from the trials themselves, or None where one study has no value."""
     if not ra or not rb:
         return None
@@ -356,10 +359,10 @@ def _change(ra, rb, metric):
         for r in (ra, rb):
             ids = {k: i for i, k in enumerate(r['trial_ids'])}
             pairs = np.array([[ids[x], ids[y]] for x, y in r['pairwise']['pairs']])
-            mats.append(metrics.pair_matrix(len(ids), pairs, np.array(r['pairwise']['relative_pd']['values'])))
-        return metrics.difference_interval(*mats)
+            mats.append(pairwise.pair_matrix(len(ids), pairs, np.array(r['pairwise']['relative_pd']['values'])))
+        return stat_tests.difference_interval(*mats)
     values = [[t[metric] for t in r['trials']] for r in (ra, rb)]
-    return metrics.difference_interval(*values) if all(is_number(v) for vs in values for v in vs) else None
+    return stat_tests.difference_interval(*values) if all(is_number(v) for vs in values for v in vs) else None
 
 
 def compare_studies(dir_a, dir_b, out_dir=None, plots_dir=None, verbose=True):

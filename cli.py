@@ -263,7 +263,7 @@ def add_analysis_args(parser):
     """The analysis's own flags (analyze_results.py and run_all_experiments.py)."""
     parser.add_argument('--equivalence-margin', type=_fraction, default=None, metavar='F',
                         help="equivalence test: 'equally reproducible' within ±F of the baseline's mean relative PD "
-                             "(default: metrics.EQUIVALENCE_MARGIN, 0.25; docs/analysis.md says why)")
+                             "(default: stat_settings.EQUIVALENCE_MARGIN, 0.25; docs/analysis.md says why)")
     parser.add_argument('--compare-snapshots', type=_snapshot_pair, default=None,
                         metavar='EARLY,LATE', help='the two snapshot iterations whose relative PD is compared '
                                                    '(default: the first after 0 and the last)')

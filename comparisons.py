@@ -3,11 +3,14 @@ Each activation against the baseline, within one model, for the analysis (no tor
 more or less reproducible (the dispersion test, Holm over the study), is it equally
 reproducible within a margin (equivalence), do the two predict differently at all (the
 prediction-shift test), and does one trial decide the verdict. The statistics themselves live
-in metrics.py; what they are and how they were calibrated: docs/analysis.md.
+in intervals.py and stat_tests.py; what they are and how they were calibrated: docs/analysis.md.
 """
 import numpy as np
 
-import metrics
+import intervals
+import pairwise
+import stat_settings
+import stat_tests
 
 
 def n_dispersion_tests(groups, base):
@@ -17,7 +20,7 @@ def n_dispersion_tests(groups, base):
                for a, ts in acts.items() if a != base and len(ts) >= 3)
 
 
-def compare_to_baseline(model, act, base, ta, tb, warnings, m=1, margin=metrics.EQUIVALENCE_MARGIN):
+def compare_to_baseline(model, act, base, ta, tb, warnings, m=1, margin=stat_settings.EQUIVALENCE_MARGIN):
     """One activation against the baseline on relative PD: the difference of the two mean
     pairwise PDs with the dispersion test (is one more reproducible?), the equivalence test
     (equally reproducible within +/- margin of the baseline's mean?), and the prediction-shift
@@ -28,29 +31,29 @@ def compare_to_baseline(model, act, base, ta, tb, warnings, m=1, margin=metrics.
            'n_trials': na, 'n_trials_baseline': nb, 'mean': None, 'mean_baseline': None, 'difference': None,
            'dispersion': None, 'equivalence': None, 'prediction_shift': None, 'note': None, 'error': None}
     try:
-        pairs, values = metrics.compare(ta + tb, {'relative_pd': metrics.relative_pd})
-    except metrics.EvalMismatch as e:
+        pairs, values = pairwise.compare(ta + tb, {'relative_pd': pairwise.relative_pd})
+    except pairwise.EvalMismatch as e:
         out['error'] = str(e)
         warnings.insert(0, f"ERROR {model}: {act} vs {base}: {e}; no comparison")
         return out
-    d = metrics.pair_matrix(na + nb, pairs, values['relative_pd'])
+    d = pairwise.pair_matrix(na + nb, pairs, values['relative_pd'])
     ia, ib = np.arange(na), np.arange(na, na + nb)
     if min(na, nb) < 2:
         out['note'] = "needs at least 2 trials on each side"
         return out
-    out['mean'] = float(metrics.mean_over_distinct_pairs(d, ia))
-    out['mean_baseline'] = float(metrics.mean_over_distinct_pairs(d, ib))
+    out['mean'] = float(intervals.mean_over_distinct_pairs(d, ia))
+    out['mean_baseline'] = float(intervals.mean_over_distinct_pairs(d, ib))
     out['difference'] = out['mean'] - out['mean_baseline']
-    out['prediction_shift'] = {**metrics.exchangeability_test(d, ia, ib), 'p_value_holm': None}
+    out['prediction_shift'] = {**stat_tests.exchangeability_test(d, ia, ib), 'p_value_holm': None}
     if min(na, nb) < 3:
         out['note'] = "the dispersion and equivalence tests need at least 3 trials on each side"
         return out
     da, db = d[np.ix_(ia, ia)], d[np.ix_(ib, ib)]
     names_a = [f"trial {t['trial']} of {model}/{act}" for t in ta]
     names_b = [f"trial {t['trial']} of {model}/{base}" for t in tb]
-    out['dispersion'] = {**metrics.dispersion_test(da, db, m=m, names_a=names_a, names_b=names_b),
+    out['dispersion'] = {**stat_tests.dispersion_test(da, db, m=m, names_a=names_a, names_b=names_b),
                          'p_value_holm': None, 'verdict': None, 'decided_by': None}
-    out['equivalence'] = metrics.equivalence_test(da, db, margin)
+    out['equivalence'] = stat_tests.equivalence_test(da, db, margin)
     out['_matrices'] = (da, db, names_a, names_b)  # for the leave-one-out check after Holm; not saved
     return out
 
@@ -59,17 +62,17 @@ def holm_and_verdicts(comparisons):
     """Holm over all comparisons of the study, separately for each test; then each dispersion
     test's verdict in words, with whether a single trial decides it."""
     for test in ('dispersion', 'prediction_shift'):
-        metrics.holm_in_place([c[test] for c in comparisons])
+        stat_tests.holm_in_place([c[test] for c in comparisons])
     m = sum(1 for c in comparisons if c['dispersion'])
     for c in comparisons:
         mats = c.pop('_matrices', None)
         res = c['dispersion']
         if not res:
             continue
-        if res['p_value_holm'] <= metrics.ALPHA and mats:
+        if res['p_value_holm'] <= stat_settings.ALPHA and mats:
             # the p-value this comparison had to reach, given where Holm ranked it
-            need = metrics.ALPHA * res['p_value'] / res['p_value_holm'] if res['p_value_holm'] > 0 else metrics.ALPHA
-            loo = metrics.leave_one_out(mats[0], mats[1], alpha=need, names_a=mats[2], names_b=mats[3])
+            need = stat_settings.ALPHA * res['p_value'] / res['p_value_holm'] if res['p_value_holm'] > 0 else stat_settings.ALPHA
+            loo = stat_tests.leave_one_out(mats[0], mats[1], alpha=need, names_a=mats[2], names_b=mats[3])
             res['decided_by'] = loo['note']
         res['verdict'] = verdict(res, c['n_trials'], c['n_trials_baseline'], m, c['equivalence'])
 
@@ -81,17 +84,17 @@ def verdict(res, na, nb, m, equivalence=None):
     n = f"n = {na} + {nb} trials"
     caveats = [x for x in (res.get('outlier_note') and f"unreliable: {res['outlier_note']}", res.get('decided_by'))
                if x]
-    if res['p_value_holm'] <= metrics.ALPHA:
+    if res['p_value_holm'] <= stat_settings.ALPHA:
         text = 'more reproducible' if res['difference'] < 0 else 'less reproducible'
     elif equivalence and equivalence.get('equivalent'):
         text = (f"equally reproducible within ±{equivalence['margin']:.0%} of the baseline's relative PD "
                 f"({equivalence['note']})")
-    elif res['min_p_value'] > metrics.ALPHA:
+    elif res['min_p_value'] > stat_settings.ALPHA:
         text = (f"no detectable difference at {n}: the smallest p-value this test can give is "
-                f"{res['min_p_value']:.3g} > {metrics.ALPHA}, so no difference of any size could be detected")
-    elif m * res['min_p_value'] > metrics.ALPHA:
+                f"{res['min_p_value']:.3g} > {stat_settings.ALPHA}, so no difference of any size could be detected")
+    elif m * res['min_p_value'] > stat_settings.ALPHA:
         text = (f"no detectable difference at {n}: after Holm over {m} comparisons the smallest attainable "
-                f"adjusted p-value is {min(1, m * res['min_p_value']):.3g} > {metrics.ALPHA}")
+                f"adjusted p-value is {min(1, m * res['min_p_value']):.3g} > {stat_settings.ALPHA}")
     else:
         mdd = res.get('min_detectable_difference')
         text = (f"no detectable difference at {n}"

@@ -3,7 +3,7 @@ The FFN study's summary (the mnist_ffn design of designs.py), written with its R
 report.py, like every report) and plots (ffn_plots.py)
 of a grid design's root, <root>/h<w>_b<b>_lr<lr>/ffn/<activation>/trial_<k>.json, one ordinary
 study folder per cell of a (width x batch size x learning rate) grid, every cell with the same
-trial seeds. Best-of-k random search over the grid (metrics.expected_best_of_k, with a seed
+trial seeds. Best-of-k random search over the grid (best_of_k.expected_best_of_k, with a seed
 bootstrap paired across models and cells) and PD between seeds at one configuration shared
 by the models. Each cell is read, and can be analysed alone, like any other study: that
 per-study analysis is analyze_results' (load_study, build_summary), which imports this module
@@ -18,7 +18,9 @@ import sys
 import numpy as np
 
 import ffn_plots
-import metrics
+import best_of_k
+import stat_settings
+import stat_tests
 import plot_utils
 import report
 from fileio import AnalysisError, json_ready, write_json, write_text
@@ -74,7 +76,7 @@ def _ffn_cell(cell_dir, baseline, load_study, build_summary):
 
 
 def _interval(samples):
-    lo, hi = metrics.percentile_interval(samples)
+    lo, hi = best_of_k.percentile_interval(samples)
     return [float(lo), float(hi)] if np.isfinite(lo) and np.isfinite(hi) else None
 
 
@@ -122,7 +124,7 @@ def _width_runs(w, grid, by, acts, seeds, failed):
 def _best_of_k(val, test, acts, ks):
     """Best-of-k curves per activation and their differences from the baseline (acts[0]),
     each with its seed-bootstrap interval, at k in ks."""
-    boot = metrics.best_of_k_bootstrap(val, test, ks)
+    boot = best_of_k.best_of_k_bootstrap(val, test, ks)
     curves = {a: {split: boot[split][i].tolist() for split in ('val', 'test')}
               | {f'{split}_ci': [_interval(boot[f'{split}_boot'][i][:, q]) for q in range(len(ks))]
                  for split in ('val', 'test')} for i, a in enumerate(acts)}
@@ -171,12 +173,12 @@ def _cell_rows(by):
 
 
 STATISTICS = {
-    'best_of_k': 'exact expectation over k draws with replacement from all runs of the grid (metrics.expected_best_of_k)',
-    'ci': f"{int(metrics.CONFIDENCE * 100)}% percentile bootstrap over seeds: the same resampled seeds in every cell "
-          f"and for every activation ({metrics.N_RESAMPLES} resamples, seed {metrics.SEED})",
+    'best_of_k': 'exact expectation over k draws with replacement from all runs of the grid (best_of_k.expected_best_of_k)',
+    'ci': f"{int(stat_settings.CONFIDENCE * 100)}% percentile bootstrap over seeds: the same resampled seeds in every cell "
+          f"and for every activation ({stat_settings.N_RESAMPLES} resamples, seed {stat_settings.SEED})",
     'pd_ci': 'leave-one-trial-out jackknife t-interval of the mean over pairs',
     'pd_difference': 'difference of mean pairwise relative PD, Welch t-interval from the jackknife; p: dispersion test '
-                     '(metrics.dispersion_test), Holm over every width and activation'}
+                     '(stat_tests.dispersion_test), Holm over every width and activation'}
 
 
 def build_ffn_summary(root, load_study, build_summary, baseline=None):
@@ -214,7 +216,7 @@ def build_ffn_summary(root, load_study, build_summary, baseline=None):
                            'pd': _shared_pd(w, val, grid, by),
                            'n_runs': int(np.isfinite(val).sum()), 'n_grid_runs': int(val.size)})
     # Holm over every width and activation's dispersion test (the cells' own Holm saw one width)
-    metrics.holm_in_place([c for r in out_widths for c in r['pd']['comparisons'].values()])
+    stat_tests.holm_in_place([c for r in out_widths for c in r['pd']['comparisons'].values()])
     recs = [r for c in cells for r in c['runs'].values()]
     prov = [r.get('provenance') or {} for r in recs]
     return {

@@ -5,11 +5,13 @@ evaluation point: snapshot_probs, snapshot_iters): per cell, the mean pairwise r
 top-1 disagreement and validation loss at each snapshot with the same trial-level intervals as
 the final figures, and a paired comparison of two snapshots of the same trials. From the final
 predictions: the relative PD between averaged disjoint ensembles of m trials, the scale on which
-an activation's effect is read. The statistics: metrics.py; docs/analysis.md.
+an activation's effect is read. The statistics: intervals.py, stat_tests.py, snapshot_stats.py; docs/analysis.md.
 """
 import numpy as np
 
-import metrics
+import intervals
+import pairwise
+import snapshot_stats
 
 TRACKED = ('relative_pd', 'top1_disagreement')
 
@@ -28,8 +30,8 @@ def snapshot_iters(trials):
 
 def _pair_matrices(trials, it):
     stack = np.stack([t['snapshot_probs'][list(t['snapshot_iters']).index(it)] for t in trials])
-    pairs, values = metrics.pairwise(stack, {m: metrics.PAIR_METRICS[m] for m in TRACKED})
-    return {m: metrics.pair_matrix(len(trials), pairs, values[m]) for m in TRACKED}
+    pairs, values = pairwise.pairwise(stack, {m: pairwise.PAIR_METRICS[m] for m in TRACKED})
+    return {m: pairwise.pair_matrix(len(trials), pairs, values[m]) for m in TRACKED}
 
 
 def over_training(trials):
@@ -46,10 +48,10 @@ def over_training(trials):
         mats = _pair_matrices(trials, it)
         out['matrices'][it] = mats
         for m in TRACKED:
-            out[m].append(metrics.pairwise_interval(mats[m], scale=metrics.PAIR_METRIC_SCALE[m], names=names))
+            out[m].append(intervals.pairwise_interval(mats[m], scale=pairwise.PAIR_METRIC_SCALE[m], names=names))
         losses = [(t['record'].get('history') or {}) for t in trials]
         vals = [h['val_loss'][h['iter'].index(it)] for h in losses if it in (h.get('iter') or [])]
-        out['val_loss'].append(metrics.describe(vals, bounds=(0, None)) if len(vals) == len(trials) else None)
+        out['val_loss'].append(intervals.describe(vals, bounds=(0, None)) if len(vals) == len(trials) else None)
     return out, None
 
 
@@ -68,22 +70,22 @@ def pick_snapshots(iters, wanted=None):
 
 def snapshot_change(curve, wanted=None, names=None):
     """The paired comparison of relative PD between two snapshots of the same trials, with its
-    sentence (metrics.paired_snapshot_comparison, describe_change), or None."""
+    sentence (snapshot_stats.paired_snapshot_comparison, describe_change), or None."""
     picked = pick_snapshots(curve['iters'], wanted)
     if picked is None or len(next(iter(curve['matrices'].values()))['relative_pd']) < 3:
         return None
     early, late = picked
-    res = metrics.paired_snapshot_comparison(curve['matrices'][early]['relative_pd'],
+    res = snapshot_stats.paired_snapshot_comparison(curve['matrices'][early]['relative_pd'],
                                              curve['matrices'][late]['relative_pd'], names=names)
-    return {**res, 'early_iter': early, 'late_iter': late, 'sentence': metrics.describe_change(res, at=(early, late))}
+    return {**res, 'early_iter': early, 'late_iter': late, 'sentence': snapshot_stats.describe_change(res, at=(early, late))}
 
 
 def yardstick(trials):
-    """The ensemble yardstick of one group's final predictions (metrics.ensemble_yardstick), or
+    """The ensemble yardstick of one group's final predictions (snapshot_stats.ensemble_yardstick), or
     None below 2 trials."""
     if len(trials) < 2:
         return None
-    return metrics.ensemble_yardstick(np.stack([t['probs'] for t in trials]))
+    return snapshot_stats.ensemble_yardstick(np.stack([t['probs'] for t in trials]))
 
 
 def place(comparison, base_yardstick):
@@ -91,7 +93,7 @@ def place(comparison, base_yardstick):
     if not base_yardstick or comparison.get('difference') is None or not comparison.get('mean_baseline'):
         return None
     change = comparison['difference'] / comparison['mean_baseline']
-    return metrics.place_on_yardstick(f"{comparison['activation']} vs {comparison['baseline']}", change,
+    return snapshot_stats.place_on_yardstick(f"{comparison['activation']} vs {comparison['baseline']}", change,
                                       base_yardstick)
 
 

@@ -6,7 +6,8 @@ support at the number of trials the study has. No torch.
 """
 import math
 
-import metrics
+import pairwise
+import stat_tests
 
 
 def study_header(summary):
@@ -130,8 +131,8 @@ def statistics_section(s):
            "appears only where it is shown.", ""]
     if cmp:
         m = len(cmp)
-        need = metrics.trials_to_detect(m, st['alpha'])
-        least = min(metrics.smallest_p(c['n_trials'], c['n_trials_baseline']) for c in cmp)
+        need = stat_tests.trials_to_detect(m, st['alpha'])
+        least = min(stat_tests.smallest_p(c['n_trials'], c['n_trials_baseline']) for c in cmp)
         out.append(f"This study makes {m} dispersion comparisons with {', '.join(map(str, ns))} trials per group. "
                    f"The smallest p-value its permutation tests can give is {least:.3g}; after Holm over {m} "
                    f"comparisons a result needs p ≤ {st['alpha'] / m:.2g}, which takes at least {need} trials per "
@@ -170,7 +171,7 @@ def model_section(s, model, results):
     notes = [f"† {r['activation']}: {r['pairwise']['relative_pd']['ci_note']}" for r in results
              if r['pairwise'] and r['pairwise']['relative_pd'].get('ci_reliable') is False]
     out += [""] + notes if notes else []
-    others = [m for m in metrics.PAIR_METRICS if m not in ('relative_pd', 'top1_disagreement')]
+    others = [m for m in pairwise.PAIR_METRICS if m not in ('relative_pd', 'top1_disagreement')]
     out += ["", "Bold: lowest mean relative PD, lowest val loss, highest val accuracy (means; the intervals say "
             "whether the differences are more than noise).", "",
             f"Other pairwise metrics (mean over pairs; JS divergence in bits; relative_pd_elementwise counts "

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-import metrics
+import pairwise
 from activation_names import applied_function, canonical_activation
 from fileio import is_number
 
@@ -178,7 +178,7 @@ def sanity_across_activations(model, groups, ref, warnings, noise=None):
                 t2 = tb.get(ta['trial'])
                 if t2 is None or t2['eval_hash'] != ta['eval_hash'] or t2['probs'].shape != ta['probs'].shape:
                     continue
-                pd, mx = float(metrics.relative_pd(ta['probs'], t2['probs'])), float(metrics.max_abs_diff(ta['probs'], t2['probs']))
+                pd, mx = float(pairwise.relative_pd(ta['probs'], t2['probs'])), float(pairwise.max_abs_diff(ta['probs'], t2['probs']))
                 cross.append(pd)
                 if mx <= IDENTICAL_TOL:
                     hits.append(f"{ta['trial']} ({'bitwise ' if mx == 0 else ''}identical)")
@@ -263,7 +263,7 @@ def repeat_noise(repeats, groups):
         base = {t['trial']: t for t in groups.get(r['model'], {}).get(r['activation'], [])}.get(0)
         if base is None or base['eval_hash'] != r['eval_hash']:
             continue
-        out.setdefault((r['model'], r['activation']), []).append(float(metrics.relative_pd(base['probs'], r['probs'])))
+        out.setdefault((r['model'], r['activation']), []).append(float(pairwise.relative_pd(base['probs'], r['probs'])))
     return {k: {'value': float(np.mean(v)), 'n': len(v)} for k, v in out.items()}
 
 

@@ -1,4 +1,4 @@
-"""Issue 23's calibration table: metrics.py's intervals and tests on simulated studies whose truth
+"""Issue 23's calibration table: the intervals and tests (intervals.py, stat_tests.py) on simulated studies whose truth
 is known (the trial model of tests/test_calibration.py: well-behaved, heavy-tailed 't3' and rare
 'outliers' trial noise), before (the former method) and after (the current one).
 
@@ -17,7 +17,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), 'tests'))
-import metrics  # noqa: E402
+import stat_settings  # noqa: E402
 import test_calibration as tc  # noqa: E402
 
 NS = (3, 5, 10)
@@ -65,7 +65,7 @@ def test_rows(studies):
 
 
 def other_rows(studies):
-    margin = metrics.EQUIVALENCE_MARGIN
+    margin = stat_settings.EQUIVALENCE_MARGIN
     ns = NS + (20,)
     rows = [{'what': f'equivalence declared, true ratio {1 + margin:g} (at the margin: level)', 'scenario': 'normal',
              'before': None, 'after': {n: tc.equivalence_rate(n, studies, 1 + margin) for n in ns}},

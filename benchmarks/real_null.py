@@ -20,7 +20,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import metrics  # noqa: E402
+import pairwise  # noqa: E402
+import stat_tests  # noqa: E402
 import store  # noqa: E402
 
 
@@ -28,7 +29,7 @@ def load_cell(study_dir, model, activation):
     paths = sorted(glob.glob(os.path.join(study_dir, model, activation, 'trial_*.json')),
                    key=lambda p: int(os.path.basename(p)[len('trial_'):-len('.json')]))
     trials = [store.load_trial(p) for p in paths]
-    metrics.check_same_eval([{'name': os.path.basename(p), 'eval_hash': t['record']['eval_hash'], **t}
+    pairwise.check_same_eval([{'name': os.path.basename(p), 'eval_hash': t['record']['eval_hash'], **t}
                              for p, t in zip(paths, trials)])
     return [t['record']['trial'] for t in trials], np.stack([t['probs'] for t in trials])
 
@@ -58,12 +59,12 @@ def main(argv=None):
     if len(ids) < args.min_trials:
         sys.exit(f"error: {len(ids)} trials of {args.model}/{args.activation}; the real-data null needs at least "
                  f"{args.min_trials} (--min-trials)")
-    pairs, values = metrics.pairwise(probs, {'relative_pd': metrics.relative_pd})
-    d = metrics.pair_matrix(len(ids), pairs, values['relative_pd'])
+    pairs, values = pairwise.pairwise(probs, {'relative_pd': pairwise.relative_pd})
+    d = pairwise.pair_matrix(len(ids), pairs, values['relative_pd'])
     t0, ps = time.time(), []
     todo = splits(len(ids), args.max_splits)
     for a, b in todo:
-        ps.append(metrics.dispersion_test(d[np.ix_(a, a)], d[np.ix_(b, b)], detectable=False)['p_value'])
+        ps.append(stat_tests.dispersion_test(d[np.ix_(a, a)], d[np.ix_(b, b)], detectable=False)['p_value'])
     ps = np.array(ps)
     out = {'study_dir': os.path.abspath(args.study_dir), 'model': args.model, 'activation': args.activation,
            'trials': ids, 'splits': len(todo), 'all_splits': math.comb(len(ids), len(ids) // 2) // 2,

@@ -12,7 +12,8 @@ from scipy import special, stats
 
 import analyze_results
 from activation_names import applied_function
-import metrics
+import pairwise
+import stat_tests
 import plot_utils
 from conftest import limit
 
@@ -102,24 +103,24 @@ def test_clean_study_outputs_and_round_trip(study, tmp_path):
     # the numbers are those of the saved arrays
     r = entry(summary, 'minigpt', 'gelu')
     p = [make_probs('minigpt', 'gelu', k) for k in range(3)]
-    assert r['reproducibility_metrics'][0] == {'model_pair': [0, 1], 'relative_pd': pytest.approx(metrics.relative_pd(p[0], p[1])),
-                                               'prediction_differences': int(metrics.prediction_differences(p[0], p[1])),
+    assert r['reproducibility_metrics'][0] == {'model_pair': [0, 1], 'relative_pd': pytest.approx(pairwise.relative_pd(p[0], p[1])),
+                                               'prediction_differences': int(pairwise.prediction_differences(p[0], p[1])),
                                                'total_predictions': N_EVAL}
-    assert r['avg_relative_pd'] == pytest.approx(np.mean([metrics.relative_pd(p[i], p[j]) for i, j in ((0, 1), (0, 2), (1, 2))]))
+    assert r['avg_relative_pd'] == pytest.approx(np.mean([pairwise.relative_pd(p[i], p[j]) for i, j in ((0, 1), (0, 2), (1, 2))]))
     assert r['avg_val_loss'] == pytest.approx(1.7) and r['std_val_loss'] == pytest.approx(0, abs=1e-12)
     assert r['avg_training_time'] == 3.0
     # the interval is the leave-one-trial-out jackknife t-interval on the metric's scale (logit for
     # metrics in [0, 1], log for metrics >= 0), recomputed here by hand and transformed back
     scales = {'logit': (special.logit, special.expit), 'log': (np.log, np.exp), 'linear': (np.asarray, np.asarray)}
-    for m in metrics.PAIR_METRICS:
+    for m in pairwise.PAIR_METRICS:
         v = r['pairwise'][m]['values']  # pairs (0, 1), (0, 2), (1, 2): leaving out trial i keeps one pair
-        g, back = scales[metrics.PAIR_METRIC_SCALE[m]]
+        g, back = scales[pairwise.PAIR_METRIC_SCALE[m]]
         loo = g(np.array([v[2], v[1], v[0]]))
         half = stats.t.ppf(0.975, 2) * 2 * np.std(loo, ddof=1) / np.sqrt(3)  # (n - 1) sd(loo) / sqrt(n)
         centre = g(np.mean(v))
         assert r['pairwise'][m]['ci'] == pytest.approx(back(np.array([centre - half, centre + half])), rel=1e-9)
         assert r['pairwise'][m]['ci_method'].startswith('leave-one-trial-out jackknife t-interval, 2 df')
-        assert r['pairwise'][m]['ci'][0] >= 0 and (metrics.PAIR_METRIC_SCALE[m] != 'logit' or r['pairwise'][m]['ci'][1] <= 1)
+        assert r['pairwise'][m]['ci'][0] >= 0 and (pairwise.PAIR_METRIC_SCALE[m] != 'logit' or r['pairwise'][m]['ci'][1] <= 1)
     vl = r['trial_stats']['val_accuracy']  # an accuracy: on the logit scale, inside [0, 1]
     accs = np.array([float((p[k].argmax(1) == np.arange(N_EVAL) % N_CLASSES).mean()) for k in range(3)])
     loo = special.logit((accs.sum() - accs) / 2)
@@ -147,7 +148,7 @@ def test_clean_study_outputs_and_round_trip(study, tmp_path):
     # Holm runs over all comparisons of the study (both models), separately per test
     for test in ('dispersion', 'prediction_shift'):
         ps = [c[test]['p_value'] for c in summary['comparisons']]
-        assert len(ps) == 4 and [c[test]['p_value_holm'] for c in summary['comparisons']] == metrics.holm(ps)
+        assert len(ps) == 4 and [c[test]['p_value_holm'] for c in summary['comparisons']] == stat_tests.holm(ps)
     assert len(summary['provenance']['files']) == 36 and summary['provenance']['git_commits'] == ['abc123']
 
     report = (study / 'REPORT.md').read_text()
@@ -450,10 +451,10 @@ def test_analysis_modules_do_not_import_torch(tmp_path, procs):
             "    def find_spec(self, name, path=None, target=None):\n"
             "        if name.split('.')[0] == 'torch': raise ImportError('torch imported')\n"
             "sys.meta_path.insert(0, NoTorch())\n"
-            "import numpy as np, metrics, analyze_results, plot_utils, report, sanity\n"
+            "import numpy as np, intervals, stat_tests, pairwise, snapshot_stats, best_of_k, analyze_results, plot_utils, report, sanity\n"
             "d = np.ones((6, 6)) - np.eye(6)\n"
-            "metrics.describe([1.0, 2.0, 3.0]); metrics.pairwise_interval(d); metrics.exchangeability_test(d, [0, 1, 2], [3, 4, 5])\n"
-            "metrics.dispersion_test(d[:3, :3], d[3:, 3:]); metrics.holm([0.1, 0.2])\n"
+            "intervals.describe([1.0, 2.0, 3.0]); intervals.pairwise_interval(d); stat_tests.exchangeability_test(d, [0, 1, 2], [3, 4, 5])\n"
+            "stat_tests.dispersion_test(d[:3, :3], d[3:, 3:]); stat_tests.holm([0.1, 0.2])\n"
             "plot_utils.save_figure(plot_utils.activation_functions(['relu', 'gelu']), sys.argv[1])\n"
             "assert not [m for m in sys.modules if m.split('.')[0] == 'torch']\n"
             "assert 'matplotlib.pyplot' not in sys.modules  # Agg canvas only: no global backend\n")

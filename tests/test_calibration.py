@@ -1,4 +1,4 @@
-"""Calibration of metrics.py's statistics on simulated studies whose truth is known.
+"""Calibration of the statistics (intervals.py, stat_tests.py, snapshot_stats.py) on simulated studies whose truth is known.
 
 A simulated trial is softmax(consensus logits + s_t * noise): one consensus per evaluation row,
 noise independent per trial, row and class, and a noise scale s_t = SIGMA * exp(tau * N(0, 1))
@@ -21,7 +21,11 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import metrics  # noqa: E402
+import intervals  # noqa: E402
+import pairwise  # noqa: E402
+import snapshot_stats  # noqa: E402
+import stat_settings  # noqa: E402
+import stat_tests  # noqa: E402
 
 N_ROWS, N_CLASSES, SIGMA, TAU = 48, 12, 0.5, 0.2
 N_RESAMPLES = 199        # permutations per simulated test: enough for a rejection rate at 0.05
@@ -62,11 +66,11 @@ def group(rng, n, scale=1.0, tau=TAU, relabel=False, noise='normal', outliers=Fa
 
 
 def pd_matrix(stack):
-    pairs, v = metrics.pairwise(stack, {'relative_pd': metrics.relative_pd})
-    return metrics.pair_matrix(len(stack), pairs, v['relative_pd'])
+    pairs, v = pairwise.pairwise(stack, {'relative_pd': pairwise.relative_pd})
+    return pairwise.pair_matrix(len(stack), pairs, v['relative_pd'])
 
 
-def pd_matrices(stacks, metric=metrics.relative_pd):
+def pd_matrices(stacks, metric=pairwise.relative_pd):
     """Pair matrices [S, T, T] of S studies of T trials each ([S, T, n, C]), vectorised over studies."""
     s, t = stacks.shape[:2]
     d = np.zeros((s, t, t))
@@ -83,7 +87,7 @@ def true_mean_pd(scale=1.0, tau=TAU, n_pairs=4000, seed=99, noise='normal', metr
     rng = np.random.default_rng(seed)
     n_pairs = n_pairs * (5 if noise != 'normal' else 1)
     a, b = group(rng, n_pairs, scale, tau, noise=noise), group(rng, n_pairs, scale, tau, noise=noise)
-    return float(metrics.PAIR_METRICS[metric](a, b).mean())
+    return float(pairwise.PAIR_METRICS[metric](a, b).mean())
 
 
 # ----------------------------------------------------------------------------- the simulations
@@ -101,12 +105,12 @@ def coverage_stats(n, studies, tau=TAU, seed=2, noise='normal', scales=('linear'
     (intervals leaving [0, 1]). The studies are the same for every scale."""
     truth, rng = true_mean_pd(tau=tau, noise=noise, metric=metric), np.random.default_rng(seed)
     probs, out = group(rng, (studies, n), tau=tau, noise=noise, outliers=True)
-    d = pd_matrices(probs, metrics.PAIR_METRICS[metric])
+    d = pd_matrices(probs, pairwise.PAIR_METRICS[metric])
     has = out.any(1)
     clean = true_mean_pd(tau=tau, metric=metric)
     res = {}
     for scale in scales:
-        r = [metrics.pairwise_interval(x, scale=scale) for x in d]
+        r = [intervals.pairwise_interval(x, scale=scale) for x in d]
         lo, hi = np.array([x['ci'] for x in r]).T
         hit, flag = (lo <= truth) & (truth <= hi), np.array([not x['ci_reliable'] for x in r])
         res[scale] = {'coverage': hit.mean(), 'flagged': flag.mean(), 'covered_or_flagged': (hit | flag).mean(),
@@ -117,7 +121,7 @@ def coverage_stats(n, studies, tau=TAU, seed=2, noise='normal', scales=('linear'
     return res
 
 
-def rejection_rates(n, studies, scale=1.0, tau=TAU, seed=3, alpha=metrics.ALPHA):
+def rejection_rates(n, studies, scale=1.0, tau=TAU, seed=3, alpha=stat_settings.ALPHA):
     """Fraction of simulated studies (baseline: n trials; activation: n trials, noise x scale,
     consensus relabelled) in which each test rejects at alpha: dispersion, exchangeability with
     the 'spread' contrast (the old reproducibility test), prediction shift, and PERMDISP's
@@ -128,35 +132,35 @@ def rejection_rates(n, studies, scale=1.0, tau=TAU, seed=3, alpha=metrics.ALPHA)
     for k in range(studies):
         base, act = group(rng, n), group(rng, n, scale, tau, relabel=True)
         d = pd_matrix(np.concatenate([act, base]))
-        p = {'dispersion': metrics.dispersion_test(d[:n, :n], d[n:, n:], N_RESAMPLES, seed=k)['p_value'],
-             'spread': metrics.exchangeability_test(d, idx_a, idx_b, 'spread', N_RESAMPLES, seed=k)['p_value'],
-             'shift': metrics.exchangeability_test(d, idx_a, idx_b, 'shift', N_RESAMPLES, seed=k)['p_value'],
+        p = {'dispersion': stat_tests.dispersion_test(d[:n, :n], d[n:, n:], N_RESAMPLES, seed=k)['p_value'],
+             'spread': stat_tests.exchangeability_test(d, idx_a, idx_b, 'spread', N_RESAMPLES, seed=k)['p_value'],
+             'shift': stat_tests.exchangeability_test(d, idx_a, idx_b, 'shift', N_RESAMPLES, seed=k)['p_value'],
              'centroid': centroid_test(act, base, seed=k)}
         for key, v in p.items():
             out[key] += v <= alpha
     return {k: v / studies for k, v in out.items()}
 
 
-def dispersion_rates(n, studies, scale=1.0, noise='normal', seed=3, m=1, alpha=metrics.ALPHA, n_resamples=N_RESAMPLES):
+def dispersion_rates(n, studies, scale=1.0, noise='normal', seed=3, m=1, alpha=stat_settings.ALPHA, n_resamples=N_RESAMPLES):
     """Rejection rates at alpha / m of the dispersion test as it was ('before': Welch t of the
     pseudo-values of the mean PD) and as it is ('after': of the mean squared PD), baseline n
     trials against an activation of n trials with noise x scale and relabelled consensus."""
     rng = np.random.default_rng(seed)
     da = pd_matrices(group(rng, (studies, n), scale, relabel=True, noise=noise))
     db = pd_matrices(group(rng, (studies, n), noise=noise))
-    before = [metrics._welch_permutation(metrics.pseudo_values(a), metrics.pseudo_values(b), n_resamples, k)['p_value']
+    before = [stat_tests._welch_permutation(intervals.pseudo_values(a), intervals.pseudo_values(b), n_resamples, k)['p_value']
               for k, (a, b) in enumerate(zip(da, db))]
-    after = [metrics.dispersion_test(a, b, n_resamples, seed=k, detectable=False)['p_value']
+    after = [stat_tests.dispersion_test(a, b, n_resamples, seed=k, detectable=False)['p_value']
              for k, (a, b) in enumerate(zip(da, db))]
     return {'before': float(np.mean(np.array(before) <= alpha / m)), 'after': float(np.mean(np.array(after) <= alpha / m))}
 
 
 def old_min_detectable(d_a, d_b):
     """The former figure: the normal approximation (t quantiles) at ALPHA and POWER, before Holm."""
-    pa, pb = metrics.pseudo_values(d_a), metrics.pseudo_values(d_b)
+    pa, pb = intervals.pseudo_values(d_a), intervals.pseudo_values(d_b)
     va, vb = pa.var(ddof=1) / len(pa), pb.var(ddof=1) / len(pb)
-    df = metrics._welch_df(va, len(pa) - 1, vb, len(pb) - 1)
-    return (metrics.stats.t.ppf(1 - metrics.ALPHA / 2, df) + metrics.stats.t.ppf(metrics.POWER, df)) * math.sqrt(va + vb)
+    df = stat_tests._welch_df(va, len(pa) - 1, vb, len(pb) - 1)
+    return (stat_tests.stats.t.ppf(1 - stat_settings.ALPHA / 2, df) + stat_tests.stats.t.ppf(stat_settings.POWER, df)) * math.sqrt(va + vb)
 
 
 def scale_for(target, ratio=False, tau=TAU):
@@ -175,13 +179,13 @@ def mdd_power(n, studies, m=1, seed=6):
     of studies. Returns {'before': (figure, power at alpha / m), 'after': (figure, power at
     alpha / m)}: the former figure was quoted at alpha, before Holm. Permutations: enough for
     p-values down to alpha / m."""
-    n_res = max(N_RESAMPLES, int(20 * m / metrics.ALPHA) - 1)
+    n_res = max(N_RESAMPLES, int(20 * m / stat_settings.ALPHA) - 1)
     rng = np.random.default_rng(seed)
     null = [pd_matrices(group(rng, (studies, n), relabel=r)) for r in (True, False)]
     quoted = {'before': np.median([old_min_detectable(a, b) for a, b in zip(*null)])}
-    if metrics.smallest_p(n, n, 2, n_res) > metrics.ALPHA / m:   # nothing detectable after Holm
+    if stat_tests.smallest_p(n, n, 2, n_res) > stat_settings.ALPHA / m:   # nothing detectable after Holm
         return {'before': (float(quoted['before']), 0.0), 'after': (None, None)}
-    quoted['after'] = np.median([metrics.dispersion_test(a, b, n_res, m=m)['min_detectable_difference']
+    quoted['after'] = np.median([stat_tests.dispersion_test(a, b, n_res, m=m)['min_detectable_difference']
                                  for a, b in zip(null[0][:50], null[1][:50])])   # 50: each figure is a simulation
     out = {}
     for key in ('before', 'after'):
@@ -190,12 +194,12 @@ def mdd_power(n, studies, m=1, seed=6):
     return out
 
 
-def equivalence_rate(n, studies, ratio, margin=metrics.EQUIVALENCE_MARGIN, seed=7):
+def equivalence_rate(n, studies, ratio, margin=stat_settings.EQUIVALENCE_MARGIN, seed=7):
     """Fraction of studies declared equivalent when the activation's true mean PD is ratio x the baseline's."""
     rng = np.random.default_rng(seed)
     da = pd_matrices(group(rng, (studies, n), scale_for(ratio, ratio=True), relabel=True))
     db = pd_matrices(group(rng, (studies, n)))
-    return float(np.mean([metrics.equivalence_test(a, b, margin)['equivalent'] for a, b in zip(da, db)]))
+    return float(np.mean([stat_tests.equivalence_test(a, b, margin)['equivalent'] for a, b in zip(da, db)]))
 
 
 def snapshot_rates(n, studies, late_scale, rho=0.7, seed=9):
@@ -208,9 +212,9 @@ def snapshot_rates(n, studies, late_scale, rho=0.7, seed=9):
     e2 = rho * e1 + math.sqrt(1 - rho ** 2) * rng.normal(size=e1.shape)
     d1, d2 = pd_matrices(softmax(CONSENSUS + s * e1)), pd_matrices(softmax(CONSENSUS + late_scale * s * e2))
     truth = true_mean_pd(late_scale) - true_mean_pd(1.0)
-    res = [metrics.paired_snapshot_comparison(a, b) for a, b in zip(d1, d2)]
+    res = [snapshot_stats.paired_snapshot_comparison(a, b) for a, b in zip(d1, d2)]
     hit = np.mean([r['ci'][0] <= truth <= r['ci'][1] for r in res])
-    rej = np.array([r['p_value'] <= metrics.ALPHA for r in res])
+    rej = np.array([r['p_value'] <= stat_settings.ALPHA for r in res])
     right = np.mean(rej & (np.sign([r['difference'] for r in res]) == np.sign(truth)))
     return {'coverage': float(hit), 'rejections': float(rej.mean()), 'right_sign': float(right), 'truth': truth}
 
@@ -223,7 +227,7 @@ def accuracy_coverage(n, studies, seed=10, bounds=(0, 1)):
     label = np.argmax(CONSENSUS + 1.5 * np.random.default_rng(11).normal(size=CONSENSUS.shape), -1)
     acc = (np.argmax(group(rng, (studies, n), 2.0), -1) == label).mean(-1)
     truth = (np.argmax(group(np.random.default_rng(12), 20000, 2.0), -1) == label).mean()
-    cis = np.array([metrics.describe(a, bounds=bounds)['ci'] for a in acc])
+    cis = np.array([intervals.describe(a, bounds=bounds)['ci'] for a in acc])
     return {'coverage': float(np.mean((cis[:, 0] <= truth) & (truth <= cis[:, 1]))),
             'outside_bounds': float(np.mean((cis[:, 0] < 0) | (cis[:, 1] > 1))), 'truth': float(truth)}
 
@@ -231,8 +235,8 @@ def accuracy_coverage(n, studies, seed=10, bounds=(0, 1)):
 def centroid_test(a, b, seed):
     """PERMDISP as published: each trial's relative PD to its group's mean prediction (x
     sqrt(n / (n - 1))), Welch t statistic permuted over labels."""
-    z = [metrics.relative_pd(g, np.broadcast_to(g.mean(0), g.shape)) * math.sqrt(len(g) / (len(g) - 1)) for g in (a, b)]
-    return metrics._permutation(z[0], z[1], metrics._welch_t, 'two-sided', N_RESAMPLES, seed)['p_value']
+    z = [pairwise.relative_pd(g, np.broadcast_to(g.mean(0), g.shape)) * math.sqrt(len(g) / (len(g) - 1)) for g in (a, b)]
+    return stat_tests._permutation(z[0], z[1], stat_tests._welch_t, 'two-sided', N_RESAMPLES, seed)['p_value']
 
 
 def old_bootstrap_rates(studies, tau=TAU, seed=8):
@@ -259,11 +263,11 @@ def test_relabelled_consensus_is_exactly_equally_reproducible():
     np.testing.assert_allclose(b, a[..., RELABEL], rtol=1e-12)
     da, db = pd_matrix(a), pd_matrix(b)
     np.testing.assert_allclose(db, da, rtol=1e-12)
-    res = metrics.dispersion_test(db, da)
+    res = stat_tests.dispersion_test(db, da)
     assert abs(res['difference']) < 1e-12 and res['p_value'] > 0.9
     # ... yet they predict differently: the prediction-shift test says so as strongly as 3 + 3 trials allow
     d = pd_matrix(np.concatenate([b, a]))
-    shift = metrics.exchangeability_test(d, np.arange(6), np.arange(6, 12))
+    shift = stat_tests.exchangeability_test(d, np.arange(6), np.arange(6, 12))
     assert shift['p_value'] == pytest.approx(shift['min_p_value'])
 
 
@@ -273,7 +277,7 @@ def test_interval_covers_the_truth_at_10_trials():
 
 def test_interval_covers_the_truth_from_min_trials_for_ci():
     # MIN_TRIALS_FOR_CI is where intervals start: they must be valid there already
-    assert coverage(metrics.MIN_TRIALS_FOR_CI, 300) >= 0.90
+    assert coverage(stat_settings.MIN_TRIALS_FOR_CI, 300) >= 0.90
 
 
 def test_dispersion_test_false_positive_rate_under_equal_spread():
@@ -334,7 +338,7 @@ def test_bounded_mean_accuracy_covers():
 def test_equivalence_level_at_the_margin():
     # a true ratio exactly at the margin (1.1) is declared equivalent in <= 5% of studies
     for n in (3, 10):
-        assert equivalence_rate(n, 300, 1 + metrics.EQUIVALENCE_MARGIN) <= 0.05
+        assert equivalence_rate(n, 300, 1 + stat_settings.EQUIVALENCE_MARGIN) <= 0.05
 
 
 def test_paired_snapshots_level_coverage_and_sign():

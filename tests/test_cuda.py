@@ -28,7 +28,7 @@ from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 import gpu_check as gc  # noqa: E402
-import metrics  # noqa: E402
+import pairwise  # noqa: E402
 from config import Config, get_config  # noqa: E402
 from model_factories import MODEL_NAMES, check_memory, estimate_memory  # noqa: E402
 
@@ -235,7 +235,7 @@ def test_default_dtype_trains_every_language_model(model, lm_sweep, work, figure
     figures(model=model, dtype=r0['dtype'], val_loss=m['val_loss'], causality_max_change=m['causality_max_change'],
             row_sum_max_error=rows, peak_memory_mb=m['peak_memory_mb'], peak_memory_kind=m.get('peak_memory_kind'),
             memory_estimate_mb=estimate_memory(model, 'gelu', config)['total'] / 2 ** 20,
-            repeat_max_abs_diff=float(np.abs(p0 - p1).max()), repeat_relative_pd=float(metrics.relative_pd(p0, p1)))
+            repeat_max_abs_diff=float(np.abs(p0 - p1).max()), repeat_relative_pd=float(pairwise.relative_pd(p0, p1)))
     assert r0['dtype'] == ('bfloat16' if ON_CUDA and torch.cuda.is_bf16_supported() else 'float32')
     losses = [m['train_loss'], m['val_loss']] + r0['history']['train_loss'] + r0['history']['val_loss']
     assert all(math.isfinite(v) for v in losses), losses
@@ -348,7 +348,7 @@ def test_same_trial_on_cpu_and_on_the_device_hardware_contribution(data, work, f
     (c0, pc), (_, pa), (_, pt) = (gc.trial(R, s if ON_CUDA else 'device', 'minigpt', 'gelu', 0)
                                   for s in ('cpu', 'default', 'tf32'))
     assert c0['eval_hash'] == d0['eval_hash'] and pc.shape == p0.shape  # comparable: the same inputs
-    hw, seeds, default, tf32 = (float(metrics.relative_pd(a, b)) for a, b in ((pc, p0), (p0, p1), (pc, pa), (p0, pt)))
+    hw, seeds, default, tf32 = (float(pairwise.relative_pd(a, b)) for a, b in ((pc, p0), (p0, p1), (pc, pa), (p0, pt)))
     figures(config=' '.join(map(str, sizes)), relative_pd_cpu_vs_device=hw,
             max_abs_diff_cpu_vs_device=float(np.abs(pc - p0).max()), relative_pd_between_seeds=seeds,
             hardware_share_of_seed_pd=hw / seeds if seeds else None, relative_pd_cpu_vs_device_default_dtype=default,

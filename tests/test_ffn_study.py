@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import analyze_results
-import metrics
+import best_of_k
 import mnist
 import run_all_experiments as rae
 import plan as planning
@@ -46,42 +46,42 @@ def test_expected_best_of_k_equals_brute_force(case):
     if case >= 3:
         val[rng.integers(n)] = np.nan  # a failed run: drawn, never kept
     for k in (1, 2, 3, 4):
-        ev, et = metrics.expected_best_of_k(val, test, [k])
+        ev, et = best_of_k.expected_best_of_k(val, test, [k])
         bv, bt = brute_force_best_of_k(val, test, k)
         assert ev[0] == pytest.approx(bv, abs=1e-12) and et[0] == pytest.approx(bt, abs=1e-12), k
 
 
 def test_expected_best_of_k_properties():
     val, test = np.array([0.1, 0.5, 0.3, 0.9]), np.array([0.2, 0.4, 0.6, 0.8])
-    ev, et = metrics.expected_best_of_k(val, test, [1, 2, 50, 10 ** 4])
+    ev, et = best_of_k.expected_best_of_k(val, test, [1, 2, 50, 10 ** 4])
     assert ev[0] == pytest.approx(val.mean()) and et[0] == pytest.approx(test.mean())
     # k=2 from 4 runs with replacement: P(max = 0.9) = 1 - (3/4)^2 = 7/16, 0.5: (9 - 4)/16, 0.3: 3/16, 0.1: 1/16
     assert ev[1] == pytest.approx((0.9 * 7 + 0.5 * 5 + 0.3 * 3 + 0.1 * 1) / 16)
     assert et[1] == pytest.approx((0.8 * 7 + 0.4 * 5 + 0.6 * 3 + 0.2 * 1) / 16)
     assert np.all(np.diff(ev) > 0) and ev[-1] == pytest.approx(0.9)  # increasing in k, towards the best run
-    batch = metrics.expected_best_of_k(np.stack([val, val[::-1]]), np.stack([test, test[::-1]]), [3])
+    batch = best_of_k.expected_best_of_k(np.stack([val, val[::-1]]), np.stack([test, test[::-1]]), [3])
     assert batch[0][0, 0] == batch[0][1, 0] and batch[1][0, 0] == batch[1][1, 0]  # order of runs is irrelevant
-    nan = metrics.expected_best_of_k([np.nan, np.nan], [np.nan, np.nan], [2])
+    nan = best_of_k.expected_best_of_k([np.nan, np.nan], [np.nan, np.nan], [2])
     assert np.isnan(nan[0]).all() and np.isnan(nan[1]).all()
     with pytest.raises(ValueError, match='ks must be integers >= 1'):
-        metrics.expected_best_of_k(val, test, [0])
+        best_of_k.expected_best_of_k(val, test, [0])
     with pytest.raises(ValueError, match='has no test accuracy'):
-        metrics.expected_best_of_k(val, [0.1, np.nan, 0.2, 0.3], [1])
+        best_of_k.expected_best_of_k(val, [0.1, np.nan, 0.2, 0.3], [1])
 
 
 def test_seed_bootstrap_is_paired_across_models_and_cells():
     rng = np.random.default_rng(0)
     val = rng.random((1, 4, 6))
     both = np.concatenate([val, val + 0.01])  # the second model: the first plus a constant
-    out = metrics.best_of_k_bootstrap(both, both, [1, 2, 4], n_resamples=300, seed=1)
+    out = best_of_k.best_of_k_bootstrap(both, both, [1, 2, 4], n_resamples=300, seed=1)
     assert out['val_boot'].shape == (2, 300, 3)
     # paired resampling: the same seeds for both models, so every resample differs by the constant
     np.testing.assert_allclose(out['val_boot'][1] - out['val_boot'][0], 0.01, atol=1e-12)
     np.testing.assert_allclose(out['val'][1] - out['val'][0], 0.01, atol=1e-12)
-    again = metrics.best_of_k_bootstrap(both, both, [1, 2, 4], n_resamples=300, seed=1, block=7)
+    again = best_of_k.best_of_k_bootstrap(both, both, [1, 2, 4], n_resamples=300, seed=1, block=7)
     np.testing.assert_array_equal(again['val_boot'], out['val_boot'])  # blocks change nothing
     # a resample that repeats one seed in every cell is the expectation over that seed's runs
-    one = metrics.best_of_k_bootstrap(val[:, :, :1], val[:, :, :1], [2], n_resamples=5)
+    one = best_of_k.best_of_k_bootstrap(val[:, :, :1], val[:, :, :1], [2], n_resamples=5)
     assert np.allclose(one['val_boot'][0, :, 0], one['val'][0, 0])
 
 
@@ -104,8 +104,8 @@ def test_seed_bootstrap_interval_calibration():
     covered, reps = np.zeros(len(ks)), 150
     for r in range(reps):
         v = mu[:, :, None] + rng.normal(0, sd_seed, (1, 1, seeds)) + rng.normal(0, sd_run, (2, cells, seeds))
-        out = metrics.best_of_k_bootstrap(v, v, ks, n_resamples=400, seed=r)
-        lo, hi = metrics.percentile_interval(out['val_boot'][1] - out['val_boot'][0])
+        out = best_of_k.best_of_k_bootstrap(v, v, ks, n_resamples=400, seed=r)
+        lo, hi = best_of_k.percentile_interval(out['val_boot'][1] - out['val_boot'][0])
         covered += (lo <= truth) & (truth <= hi)
     coverage = covered / reps
     assert np.all(coverage >= 0.85) and np.all(coverage <= 0.995), coverage
@@ -187,7 +187,7 @@ def test_study_end_to_end_resume_dry_run_report(mnist1d_dir, tmp_path, capsys):
     # the report says the intervals were checked at 20 seeds, not 3 (issue 23)
     assert s['k_limit'] == 1 and s['curve_ks'] == [1] and s['ks'] == [1]
     assert [w for w in s['warnings'] if w.startswith('3 seeds per cell') and 'checked by simulation at 20' in w]
-    ev, et = metrics.expected_best_of_k(val, test, [1])
+    ev, et = best_of_k.expected_best_of_k(val, test, [1])
     q = s['curve_ks'].index(1)
     assert r['curves']['relu']['val'][q] == pytest.approx(ev[0]) and r['curves']['relu']['test'][q] == pytest.approx(et[0])
     assert ev[0] == pytest.approx(val.mean())

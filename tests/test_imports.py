@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 
-TORCH_FREE = ('analyze_results', 'metrics', 'plot_utils', 'routing_metrics', 'activation_names', 'fileio', 'sanity', 'report',
+TORCH_FREE = ('analyze_results', 'stat_settings', 'pairwise', 'intervals', 'stat_tests', 'snapshot_stats', 'best_of_k', 'plot_utils', 'routing_metrics', 'activation_names', 'fileio', 'sanity', 'report',
               'store', 'config', 'cli', 'run_info', 'ffn_report', 'run_all_experiments', 'model_names', 'comparisons',
               'over_training', 'ffn_plots')
 

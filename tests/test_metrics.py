@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-import metrics
-from metrics import (PAIR_METRICS, EvalMismatch, js_divergence, l2_distance, prediction_differences,
-                     relative_pd, relative_pd_elementwise, top1_disagreement)
+import intervals
+import pairwise
+import snapshot_stats
+import stat_settings
+import stat_tests
+from pairwise import PAIR_METRICS, EvalMismatch, js_divergence, l2_distance, prediction_differences, relative_pd, relative_pd_elementwise, top1_disagreement
 
 
 def total_variation(p1, p2):
@@ -41,7 +44,7 @@ def test_disjoint_one_hot_predictions():
     assert top1_disagreement(p1, p2) == 1.0
     assert prediction_differences(p1, p2) == n
     assert js_divergence(p1, p2) == pytest.approx(1.0)      # bits: the maximum
-    f = metrics.ELEMENTWISE_FLOOR  # ~2 on the 2 classes used (the 0 counts as the floor), 0 on the rest
+    f = pairwise.ELEMENTWISE_FLOOR  # ~2 on the 2 classes used (the 0 counts as the floor), 0 on the rest
     assert relative_pd_elementwise(p1, p2) == pytest.approx(2 * (2 * (1 - f) / (1 + f)) / c, rel=1e-12)
     assert l2_distance(p1, p2) == pytest.approx(math.sqrt(2))
 
@@ -51,7 +54,7 @@ def test_hand_computed_values():
     p2 = np.array([[1.0, 0.0], [0.2, 0.8]])
     # row 0: |d| = (0.5, 0.5); row 1: identical
     assert relative_pd(p1, p2) == pytest.approx((1.0 / 4) / (0.5 + 0.5))
-    f = metrics.ELEMENTWISE_FLOOR  # the 0 of p2 counts as the floor
+    f = pairwise.ELEMENTWISE_FLOOR  # the 0 of p2 counts as the floor
     assert relative_pd_elementwise(p1, p2) == pytest.approx((2 * 0.5 / 1.5 + 2 * (0.5 - f) / (0.5 + f)) / 4, rel=1e-12)
     js0 = 0.5 * (0.5 * math.log2(0.5 / 0.75) + 0.5 * math.log2(0.5 / 0.25)) + 0.5 * math.log2(1 / 0.75)
     assert js_divergence(p1, p2) == pytest.approx(js0 / 2)
@@ -82,24 +85,24 @@ def test_symmetry_and_bounds():
 
 def test_all_pairs_at_once_equal_pair_by_pair():
     stack = dirichlet((5, 40, 7), 3).astype(np.float32)
-    pairs, values = metrics.pairwise(stack)
+    pairs, values = pairwise.pairwise(stack)
     assert pairs.tolist() == [[i, j] for i in range(5) for j in range(i + 1, 5)]
     assert set(values) == set(PAIR_METRICS)
     for k, (i, j) in enumerate(pairs):
         for name, f in PAIR_METRICS.items():
             assert values[name][k] == pytest.approx(f(stack[i], stack[j]), rel=1e-12), name
     # processing pairs in small blocks changes nothing
-    _, blocked = metrics.pairwise(stack, max_elements=1)
+    _, blocked = pairwise.pairwise(stack, max_elements=1)
     for name in PAIR_METRICS:
         np.testing.assert_array_equal(blocked[name], values[name])
     # fewer than two trials: no pairs, no numbers
-    pairs1, values1 = metrics.pairwise(stack[:1])
+    pairs1, values1 = pairwise.pairwise(stack[:1])
     assert len(pairs1) == 0 and all(len(v) == 0 for v in values1.values())
 
 
 def test_pair_matrix_is_symmetric_with_zero_diagonal():
-    pairs, values = metrics.pairwise(dirichlet((4, 30, 5), 4))
-    d = metrics.pair_matrix(4, pairs, values['relative_pd'])
+    pairs, values = pairwise.pairwise(dirichlet((4, 30, 5), 4))
+    d = pairwise.pair_matrix(4, pairs, values['relative_pd'])
     np.testing.assert_array_equal(d, d.T)
     assert (np.diag(d) == 0).all() and d[1, 3] == values['relative_pd'][4]
 
@@ -108,24 +111,24 @@ def test_comparing_different_evaluation_sets_is_an_error():
     p = dirichlet((10, 4))
     a, b = trial('a', p), trial('b', p, eval_hash='b' * 64)
     with pytest.raises(EvalMismatch, match='different inputs'):
-        metrics.compare([a, b])
+        pairwise.compare([a, b])
     c = trial('c', p)
     c['eval_indices'] = c['eval_indices'][::-1].copy()
     with pytest.raises(EvalMismatch, match='eval_indices'):
-        metrics.compare([a, c])
+        pairwise.compare([a, c])
     d = trial('d', p[:5])
     with pytest.raises(EvalMismatch):
-        metrics.compare([a, d])
+        pairwise.compare([a, d])
     with pytest.raises(ValueError, match='one shape'):
         relative_pd(p, p[:5])
-    pairs, values = metrics.compare([a, trial('e', p)])  # same inputs: a number
+    pairs, values = pairwise.compare([a, trial('e', p)])  # same inputs: a number
     assert values['relative_pd'][0] == 0
 
 
 def test_mean_over_distinct_pairs_leaves_self_pairs_out():
     d = np.array([[0, 1, 2], [1, 0, 3], [2, 3, 0]], dtype=float)
     idx = np.array([[0, 1, 2], [0, 0, 1], [2, 2, 2]])
-    got = metrics.mean_over_distinct_pairs(d, idx)
+    got = intervals.mean_over_distinct_pairs(d, idx)
     assert got[0] == pytest.approx(2.0)       # (1 + 2 + 3) / 3
     assert got[1] == pytest.approx(1.0)       # only trials 0 and 1: d[0, 1]
     assert np.isnan(got[2])                   # one trial: no pair
@@ -152,19 +155,19 @@ def loo_means(d):
 
 
 def test_jackknife_pseudo_values_and_interval():
-    pairs, values = metrics.pairwise(dirichlet((6, 30, 6), 5))
-    d = metrics.pair_matrix(6, pairs, values['relative_pd'])
+    pairs, values = pairwise.pairwise(dirichlet((6, 30, 6), 5))
+    d = pairwise.pair_matrix(6, pairs, values['relative_pd'])
     u, loo = values['relative_pd'].mean(), loo_means(d)
-    psi = metrics.pseudo_values(d)
+    psi = intervals.pseudo_values(d)
     np.testing.assert_allclose(psi, 6 * u - 5 * loo, rtol=1e-12)
     assert psi.mean() == pytest.approx(u, rel=1e-12)
     se = np.sqrt(5 / 6 * ((loo - loo.mean()) ** 2).sum())          # the textbook jackknife
-    r = metrics.pairwise_interval(d, scale='linear')
+    r = intervals.pairwise_interval(d, scale='linear')
     assert r['mean'] == pytest.approx(u, rel=1e-12) and r['ci_note'] is None and '5 df' in r['ci_method']
     assert r['ci'] == pytest.approx([u - stats.t.ppf(0.975, 5) * se, u + stats.t.ppf(0.975, 5) * se], rel=1e-10)
     # the log scale: the same jackknife on log U, transformed back
     lse = np.sqrt(5 / 6 * ((np.log(loo) - np.log(loo).mean()) ** 2).sum())
-    r = metrics.pairwise_interval(d, scale='log')
+    r = intervals.pairwise_interval(d, scale='log')
     h = stats.t.ppf(0.975, 5) * lse
     assert r['ci'] == pytest.approx([u * np.exp(-h), u * np.exp(h)], rel=1e-10) and 'log scale' in r['ci_method']
     assert r['ci_reliable'] and r['outliers'] == [] and len(r['outlyingness']) == 6
@@ -172,16 +175,16 @@ def test_jackknife_pseudo_values_and_interval():
     s = np.array([0.1, 0.3, 0.2, 0.5])
     d2 = s[:, None] + s[None]
     np.fill_diagonal(d2, 0)
-    np.testing.assert_allclose(metrics.pseudo_values(d2), 2 * s, rtol=1e-12)
+    np.testing.assert_allclose(intervals.pseudo_values(d2), 2 * s, rtol=1e-12)
     # equal pair values: a zero-width interval; two trials: none, with the reason
     d3 = np.full((4, 4), 0.3)
     np.fill_diagonal(d3, 0)
-    assert metrics.pairwise_interval(d3)['ci'] == pytest.approx([0.3, 0.3])
-    assert metrics.pairwise_interval(d3, scale='logit')['ci'] == pytest.approx([0.3, 0.3])
-    r2 = metrics.pairwise_interval(d[:2, :2])
+    assert intervals.pairwise_interval(d3)['ci'] == pytest.approx([0.3, 0.3])
+    assert intervals.pairwise_interval(d3, scale='logit')['ci'] == pytest.approx([0.3, 0.3])
+    r2 = intervals.pairwise_interval(d[:2, :2])
     assert r2['ci'] is None and r2['mean'] == d[0, 1] and 'no interval possible' in r2['ci_note']
     with pytest.raises(ValueError, match='at least 3'):
-        metrics.pseudo_values(d[:2, :2])
+        intervals.pseudo_values(d[:2, :2])
 
 
 def test_exchangeability_test_known_p_values():
@@ -190,18 +193,18 @@ def test_exchangeability_test_known_p_values():
     d = np.full((6, 6), 0.5)
     d[:3, :3], d[3:, 3:] = 1.0, 0.0
     np.fill_diagonal(d, 0)
-    res = metrics.exchangeability_test(d, [0, 1, 2], [3, 4, 5], contrast='spread')
+    res = stat_tests.exchangeability_test(d, [0, 1, 2], [3, 4, 5], contrast='spread')
     assert res['exact'] and res['n_permutations'] == 20 and res['min_p_value'] == pytest.approx(0.1)
     assert res['p_value'] == pytest.approx(2 / 20)
     # two tight groups far apart: only the observed split and its mirror put them apart
     d2 = np.full((6, 6), 0.9)
     d2[:3, :3], d2[3:, 3:] = 0.1, 0.1
     np.fill_diagonal(d2, 0)
-    shift = metrics.exchangeability_test(d2, [0, 1, 2], [3, 4, 5])
+    shift = stat_tests.exchangeability_test(d2, [0, 1, 2], [3, 4, 5])
     assert shift['p_value'] == pytest.approx(2 / 20) and shift['min_p_value'] == pytest.approx(0.1)
-    assert metrics.exchangeability_test(d2, [0], [3, 4, 5]) is None     # one trial: no within-group pair
+    assert stat_tests.exchangeability_test(d2, [0], [3, 4, 5]) is None     # one trial: no within-group pair
     with pytest.raises(ValueError, match='contrast'):
-        metrics.exchangeability_test(d2, [0, 1, 2], [3, 4, 5], contrast='both')
+        stat_tests.exchangeability_test(d2, [0, 1, 2], [3, 4, 5], contrast='both')
 
 
 def test_dispersion_test_on_known_spreads():
@@ -210,57 +213,57 @@ def test_dispersion_test_on_known_spreads():
         np.fill_diagonal(d, 0)
         return d
     sa, sb = np.array([0.30, 0.31, 0.32, 0.33]), np.array([0.10, 0.11, 0.12, 0.13])
-    res = metrics.dispersion_test(additive(sa), additive(sb))
+    res = stat_tests.dispersion_test(additive(sa), additive(sb))
     # the difference of the mean pairwise distances: 2 (mean sa - mean sb)
     assert res['difference'] == pytest.approx(2 * (sa.mean() - sb.mean()))
     assert res['exact'] and res['n_permutations'] == 70 and res['p_value'] == pytest.approx(2 / 70)
     assert res['min_p_value'] == pytest.approx(2 / 70) and res['ci'][0] > 0
     se = np.sqrt(2 * (2 * sa).var(ddof=1) / 4)
-    df = metrics._welch_df(se ** 2 / 2, 3, se ** 2 / 2, 3)
+    df = stat_tests._welch_df(se ** 2 / 2, 3, se ** 2 / 2, 3)
     assert df == pytest.approx(6)
     assert res['ci'] == pytest.approx([res['difference'] - stats.t.ppf(0.975, 6) * se,
                                        res['difference'] + stats.t.ppf(0.975, 6) * se])
     # the minimum detectable difference: the simulated relative increase times the baseline's mean
     cv = float(f"{np.std(2 * sb, ddof=1) / np.mean(2 * sb):.2g}")
-    assert res['min_detectable_difference'] == pytest.approx(metrics.detectable_shift(4, 4, metrics.ALPHA, cv=cv)
+    assert res['min_detectable_difference'] == pytest.approx(stat_tests.detectable_shift(4, 4, stat_settings.ALPHA, cv=cv)
                                                              * 2 * sb.mean())
     assert 'simulated' in res['min_detectable_difference_method']
     # swapped groups: the mirror image
-    back = metrics.dispersion_test(additive(sb), additive(sa))
+    back = stat_tests.dispersion_test(additive(sb), additive(sa))
     assert back['difference'] == pytest.approx(-res['difference']) and back['p_value'] == res['p_value']
     # 3 + 3 trials: an exact test cannot go below 0.1, so there is no detectable difference at all
-    small = metrics.dispersion_test(additive(sa[:3]), additive(sb[:3]))
+    small = stat_tests.dispersion_test(additive(sa[:3]), additive(sb[:3]))
     assert small['min_p_value'] == pytest.approx(0.1) and small['min_detectable_difference'] is None
     with pytest.raises(ValueError, match='3 trials'):
-        metrics.dispersion_test(additive(sa[:2]), additive(sb))
+        stat_tests.dispersion_test(additive(sa[:2]), additive(sb))
 
 
 def test_smallest_p_and_trials_needed():
-    assert metrics.smallest_p(3, 3) == pytest.approx(2 / 20)
-    assert metrics.smallest_p(3, 3, sides=1) == pytest.approx(2 / 20)   # symmetric statistic: the mirror ties
-    assert metrics.smallest_p(3, 4, sides=1) == pytest.approx(1 / 35)
-    assert metrics.smallest_p(10, 10) == pytest.approx(2 / (metrics.N_PERMUTATIONS + 1))
-    assert metrics.trials_to_detect(1) == 4        # 2 / C(8, 4) = 0.029 <= 0.05
-    assert metrics.trials_to_detect(24) == 7       # 2 / C(14, 7) = 5.8e-4 <= 0.05 / 24; 2 / C(12, 6) is not
+    assert stat_tests.smallest_p(3, 3) == pytest.approx(2 / 20)
+    assert stat_tests.smallest_p(3, 3, sides=1) == pytest.approx(2 / 20)   # symmetric statistic: the mirror ties
+    assert stat_tests.smallest_p(3, 4, sides=1) == pytest.approx(1 / 35)
+    assert stat_tests.smallest_p(10, 10) == pytest.approx(2 / (stat_settings.N_PERMUTATIONS + 1))
+    assert stat_tests.trials_to_detect(1) == 4        # 2 / C(8, 4) = 0.029 <= 0.05
+    assert stat_tests.trials_to_detect(24) == 7       # 2 / C(14, 7) = 5.8e-4 <= 0.05 / 24; 2 / C(12, 6) is not
 
 
 def test_holm():
-    assert metrics.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    assert metrics.holm([0.5, None, 0.01]) == [pytest.approx(0.5), None, pytest.approx(0.02)]
-    assert metrics.holm([0.6, 0.9]) == pytest.approx([1.0, 1.0])    # capped at 1, order kept
-    assert metrics.holm([]) == []
+    assert stat_tests.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stat_tests.holm([0.5, None, 0.01]) == [pytest.approx(0.5), None, pytest.approx(0.02)]
+    assert stat_tests.holm([0.6, 0.9]) == pytest.approx([1.0, 1.0])    # capped at 1, order kept
+    assert stat_tests.holm([]) == []
 
 
 def test_describe():
-    s = metrics.describe([1.0, 2.0, 4.0])
+    s = intervals.describe([1.0, 2.0, 4.0])
     assert s['n'] == 3 and s['mean'] == pytest.approx(7 / 3)
     assert s['std'] == pytest.approx(np.std([1, 2, 4], ddof=1))
     half = stats.t.ppf(0.975, 2) * s['std'] / np.sqrt(3)
     assert s['ci'] == pytest.approx([7 / 3 - half, 7 / 3 + half]) and s['ci_note'] is None
     assert s['ci_method'] == 't-interval over trials, 2 df'
-    s2 = metrics.describe([1.0, 2.0])
+    s2 = intervals.describe([1.0, 2.0])
     assert s2['ci'] is None and s2['ci_method'] is None and 'no interval possible' in s2['ci_note']
-    assert metrics.describe([1.0])['std'] is None
+    assert intervals.describe([1.0])['std'] is None
 
 
 def additive(s):
@@ -275,26 +278,26 @@ def test_dispersion_test_on_equal_pair_values_and_nan():
     da, db = np.full((4, 4), 0.3), np.full((4, 4), 0.1)
     np.fill_diagonal(da, 0)
     np.fill_diagonal(db, 0)
-    res = metrics.dispersion_test(da, db)
+    res = stat_tests.dispersion_test(da, db)
     assert res['p_value'] == pytest.approx(2 / 70) == res['min_p_value']
-    big = metrics.dispersion_test(additive(np.full(10, 0.15)), additive(np.full(10, 0.05)))
+    big = stat_tests.dispersion_test(additive(np.full(10, 0.15)), additive(np.full(10, 0.05)))
     assert big['p_value'] >= big['min_p_value'] > 0 and not big['exact']
     # identical groups: p = 1
-    assert metrics.dispersion_test(da, da)['p_value'] == 1.0
+    assert stat_tests.dispersion_test(da, da)['p_value'] == 1.0
     bad = da.copy()
     bad[0, 1] = bad[1, 0] = np.nan
     with pytest.raises(ValueError, match=r'group a: pair value of trials \[0, 1\] is nan'):
-        metrics.dispersion_test(bad, db)
+        stat_tests.dispersion_test(bad, db)
     with pytest.raises(ValueError, match='finite'):
-        metrics.pairwise_interval(bad)
+        intervals.pairwise_interval(bad)
 
 
 def test_own_permutation_matches_scipy():
     rng = np.random.default_rng(0)
     for na, nb, n_res in ((4, 4, 9999), (3, 5, 9999), (6, 7, 500)):
         x, y = rng.normal(size=na) + 0.8, rng.normal(size=nb)
-        ours = metrics._welch_permutation(x, y, n_res, seed=1)
-        ref = metrics._permutation(x, y, metrics._welch_t, 'two-sided', n_res, 1)
+        ours = stat_tests._welch_permutation(x, y, n_res, seed=1)
+        ref = stat_tests._permutation(x, y, stat_tests._welch_t, 'two-sided', n_res, 1)
         assert ours['exact'] == ref['exact'] and ours['min_p_value'] == ref['min_p_value']
         if ours['exact']:    # the same enumeration: the same p-value
             assert float(ours['p_value']) == pytest.approx(ref['p_value'])
@@ -305,90 +308,90 @@ def test_own_permutation_matches_scipy():
 def test_trial_diagnostics_names_the_outlier():
     s = np.array([0.1, 0.1, 0.1, 0.1, 0.4])
     d = additive(s)
-    diag = metrics.trial_diagnostics(d, names=['t0', 't1', 't2', 't3', 't4'])
+    diag = intervals.trial_diagnostics(d, names=['t0', 't1', 't2', 't3', 't4'])
     # trial 4: mean to the others 0.5, mean among the others 0.2
     assert diag['outlyingness'][4] == pytest.approx(2.5)
     assert diag['outlyingness'][0] == pytest.approx((0.2 * 3 + 0.5) / 4 / ((0.2 * 3 + 0.5 * 3) / 6))
     assert diag['outliers'] == ['t4'] and diag['outlier_indices'] == [4]
     assert 'trial t4 is an outlier: its predictions differ from the other trials 2.5x' in diag['note']
-    r = metrics.pairwise_interval(d, names=diag['outliers'] and ['t0', 't1', 't2', 't3', 't4'])
+    r = intervals.pairwise_interval(d, names=diag['outliers'] and ['t0', 't1', 't2', 't3', 't4'])
     assert r['ci_reliable'] is False and r['outliers'] == ['t4'] and 'unreliable' in r['ci_note']
-    clean = metrics.trial_diagnostics(additive([0.1, 0.11, 0.12, 0.1]))
+    clean = intervals.trial_diagnostics(additive([0.1, 0.11, 0.12, 0.1]))
     assert clean['outliers'] == [] and clean['note'] is None
     # identical other trials: outlyingness undefined (None), still flagged
     z = np.zeros((3, 3))
     z[0, 1:] = z[1:, 0] = 0.2
-    assert metrics.trial_diagnostics(z)['outlyingness'][0] is None and metrics.trial_diagnostics(z)['outliers'] == [0]
-    assert metrics.undetected_outlier_fraction(5) == pytest.approx(1 - 0.05 ** 0.2)
+    assert intervals.trial_diagnostics(z)['outlyingness'][0] is None and intervals.trial_diagnostics(z)['outliers'] == [0]
+    assert intervals.undetected_outlier_fraction(5) == pytest.approx(1 - 0.05 ** 0.2)
 
 
 def test_leave_one_out_finds_the_deciding_trial():
     rng = np.random.default_rng(3)
     sa, sb = 0.1 + 0.01 * rng.random(6), 0.1 + 0.01 * rng.random(6)
     sa[2] = 0.6                          # one trial carries the whole (positive) difference
-    res = metrics.leave_one_out(additive(sa), additive(sb), names_a=list('abcdef'))
+    res = stat_tests.leave_one_out(additive(sa), additive(sb), names_a=list('abcdef'))
     assert len(res['checked']) == 12 and not res['significant']
     # without it the sign of the difference flips: the only trial that decides the verdict
     assert res['decided_by'] == [('a', 'c')] and 'without trial c of group a' in res['note']
     # a clear, broad difference: no single trial decides it
-    firm = metrics.leave_one_out(additive(0.3 + 0.01 * rng.random(6)), additive(0.1 + 0.01 * rng.random(6)))
+    firm = stat_tests.leave_one_out(additive(0.3 + 0.01 * rng.random(6)), additive(0.1 + 0.01 * rng.random(6)))
     assert firm['significant'] and firm['decided_by'] == [] and firm['note'] is None
-    small = metrics.leave_one_out(additive([0.3, 0.3, 0.31]), additive([0.1, 0.1, 0.11]))
+    small = stat_tests.leave_one_out(additive([0.3, 0.3, 0.31]), additive([0.1, 0.1, 0.11]))
     assert small['checked'] == [] and 'not checked' in small['note']
 
 
 def test_bounded_intervals_stay_inside_their_bounds():
     # 3 trials with a large spread of top-1 disagreement: the linear interval leaves [0, 1]
     d = np.array([[0, 0.05, 0.9], [0.05, 0, 0.85], [0.9, 0.85, 0]])
-    lin = metrics.pairwise_interval(d, scale='linear')['ci']
+    lin = intervals.pairwise_interval(d, scale='linear')['ci']
     assert lin[0] < 0 or lin[1] > 1
     for scale in ('logit', 'log'):
-        lo, hi = metrics.pairwise_interval(d, scale=scale)['ci']
+        lo, hi = intervals.pairwise_interval(d, scale=scale)['ci']
         assert 0 < lo < d[np.triu_indices(3, 1)].mean() < hi
-    assert metrics.pairwise_interval(d, scale='logit')['ci'][1] < 1
+    assert intervals.pairwise_interval(d, scale='logit')['ci'][1] < 1
     # all pairs 0: log undefined, the clipped linear interval, and the method says so
-    r = metrics.pairwise_interval(np.zeros((4, 4)), scale='logit')
+    r = intervals.pairwise_interval(np.zeros((4, 4)), scale='logit')
     assert r['ci'] == [0.0, 0.0] and 'undefined' in r['ci_method']
     with pytest.raises(ValueError, match='valid: linear, log, logit'):
-        metrics.pairwise_interval(d, scale='probit')
+        intervals.pairwise_interval(d, scale='probit')
     # per-trial means of bounded quantities: accuracies near 1
     acc = [0.99, 0.5, 0.98]
-    assert metrics.describe(acc)['ci'][1] > 1
-    lo, hi = metrics.describe(acc, bounds=(0, 1))['ci']
+    assert intervals.describe(acc)['ci'][1] > 1
+    lo, hi = intervals.describe(acc, bounds=(0, 1))['ci']
     assert 0 < lo < np.mean(acc) < hi < 1
-    assert metrics.describe([1.0, 2.0, 4.0], bounds=(0, None))['ci'][0] > 0
+    assert intervals.describe([1.0, 2.0, 4.0], bounds=(0, None))['ci'][0] > 0
     with pytest.raises(ValueError, match='bounds'):
-        metrics.describe(acc, bounds=(0, 2))
+        intervals.describe(acc, bounds=(0, 2))
 
 
 def test_equivalence_test():
     rng = np.random.default_rng(0)
-    same = metrics.equivalence_test(additive(0.1 + 0.001 * rng.random(8)), additive(0.1 + 0.001 * rng.random(8)))
+    same = stat_tests.equivalence_test(additive(0.1 + 0.001 * rng.random(8)), additive(0.1 + 0.001 * rng.random(8)))
     assert same['equivalent'] and same['p_value'] < 0.05 and same['ci_ratio'][0] > 0.9 and same['ci_ratio'][1] < 1.1
-    assert same['ci'][0] < 0 < same['ci'][1] and same['margin'] == metrics.EQUIVALENCE_MARGIN
-    far = metrics.equivalence_test(additive(0.13 + 0.001 * rng.random(8)), additive(0.1 + 0.001 * rng.random(8)))
+    assert same['ci'][0] < 0 < same['ci'][1] and same['margin'] == stat_settings.EQUIVALENCE_MARGIN
+    far = stat_tests.equivalence_test(additive(0.13 + 0.001 * rng.random(8)), additive(0.1 + 0.001 * rng.random(8)))
     assert far['equivalent'] is False and far['ratio'] == pytest.approx(1.3, rel=0.02)
-    assert metrics.equivalence_test(additive(0.13 + 0.001 * rng.random(8)), additive(0.1 + 0.001 * rng.random(8)),
+    assert stat_tests.equivalence_test(additive(0.13 + 0.001 * rng.random(8)), additive(0.1 + 0.001 * rng.random(8)),
                                     margin=0.5)['equivalent']
-    few = metrics.equivalence_test(additive([0.1, 0.1]), additive([0.1, 0.1, 0.1]))
+    few = stat_tests.equivalence_test(additive([0.1, 0.1]), additive([0.1, 0.1, 0.1]))
     assert few['equivalent'] is None and '3 trials' in few['note']
     with pytest.raises(ValueError, match='margin'):
-        metrics.equivalence_test(additive([0.1] * 3), additive([0.1] * 3), margin=10)
+        stat_tests.equivalence_test(additive([0.1] * 3), additive([0.1] * 3), margin=10)
 
 
 def test_paired_snapshot_comparison_known_answer():
     s_early = np.array([0.05, 0.06, 0.04, 0.05, 0.055])
-    res = metrics.paired_snapshot_comparison(additive(s_early), additive(s_early + 0.02))
+    res = snapshot_stats.paired_snapshot_comparison(additive(s_early), additive(s_early + 0.02))
     assert res['difference'] == pytest.approx(0.04)       # every pair rose by 2 x 0.02
     assert res['ci'] == pytest.approx([0.04, 0.04]) and res['p_value'] == 0.0
-    text = metrics.describe_change(res, at=(500, 5000))
+    text = snapshot_stats.describe_change(res, at=(500, 5000))
     assert text.startswith('relative PD rose from 0.102') and 'at 500 to 0.142' in text and 'more divergent' in text
-    down = metrics.paired_snapshot_comparison(additive(s_early + 0.02), additive(s_early + [0.001, -0.001, 0, 0.002, 0]))
-    assert down['difference'] < 0 and 'less divergent' in metrics.describe_change(down)
-    flat = metrics.paired_snapshot_comparison(additive(s_early), additive(s_early + [0.001, -0.001, 0, 0.001, -0.001]))
-    assert flat['p_value'] > 0.05 and 'no detectable change' in metrics.describe_change(flat)
+    down = snapshot_stats.paired_snapshot_comparison(additive(s_early + 0.02), additive(s_early + [0.001, -0.001, 0, 0.002, 0]))
+    assert down['difference'] < 0 and 'less divergent' in snapshot_stats.describe_change(down)
+    flat = snapshot_stats.paired_snapshot_comparison(additive(s_early), additive(s_early + [0.001, -0.001, 0, 0.001, -0.001]))
+    assert flat['p_value'] > 0.05 and 'no detectable change' in snapshot_stats.describe_change(flat)
     with pytest.raises(ValueError, match='same >= 3 trials'):
-        metrics.paired_snapshot_comparison(additive(s_early), additive(s_early[:4]))
+        snapshot_stats.paired_snapshot_comparison(additive(s_early), additive(s_early[:4]))
 
 
 def test_ensemble_yardstick_falls_like_one_over_sqrt_m():
@@ -399,28 +402,28 @@ def test_ensemble_yardstick_falls_like_one_over_sqrt_m():
     noise = 0.01 * rng.normal(size=(t, n, c))
     probs = 1 / c + noise - noise.mean(-1, keepdims=True)
     assert probs.min() > 0
-    ys = metrics.ensemble_yardstick(probs, n_splits=400)
+    ys = snapshot_stats.ensemble_yardstick(probs, n_splits=400)
     assert [r['m'] for r in ys] == [1, 2, 3, 4]
     assert ys[0]['exhaustive'] and ys[0]['n_splits'] == 28 and ys[0]['ci'] is not None
     assert ys[0]['value'] == pytest.approx(np.mean([relative_pd(probs[i], probs[j]) for i in range(t) for j in range(i)]))
     assert ys[3]['n_splits'] == 35 and ys[3]['exhaustive'] and ys[3]['ci'] is None
     for r in ys:
         assert r['relative_to_single'] == pytest.approx(1 / np.sqrt(r['m']), rel=0.03)
-    text = metrics.place_on_yardstick('smelu_1 vs relu', -0.06, ys)
+    text = snapshot_stats.place_on_yardstick('smelu_1 vs relu', -0.06, ys)
     assert text == 'smelu_1 vs relu: -6% relative PD; averaging 2 models gives -29% (4 models: -50%)'
-    assert 'no ensemble yardstick' in metrics.place_on_yardstick('x', 0.1, ys[:1])
+    assert 'no ensemble yardstick' in snapshot_stats.place_on_yardstick('x', 0.1, ys[:1])
 
 
 def test_difference_interval_is_welchs_and_says_when_none_is_possible():
     rng = np.random.default_rng(3)
     a, b = rng.normal(1.0, 0.2, 5), rng.normal(1.3, 0.4, 7)
-    r = metrics.difference_interval(a, b)
+    r = stat_tests.difference_interval(a, b)
     ref = stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
     assert r['difference'] == pytest.approx(b.mean() - a.mean()) and r['ci'] == pytest.approx([ref.low, ref.high])
-    two = metrics.difference_interval(a[:2], b)
+    two = stat_tests.difference_interval(a[:2], b)
     assert two['ci'] is None and 'no interval possible: 2 trial(s)' in two['ci_note']
     # pair matrices: the difference of the two means over pairs, jackknife standard errors
-    d = metrics.pair_matrix(4, np.array([(i, j) for i in range(4) for j in range(i + 1, 4)]), rng.uniform(0.1, 0.2, 6))
+    d = pairwise.pair_matrix(4, np.array([(i, j) for i in range(4) for j in range(i + 1, 4)]), rng.uniform(0.1, 0.2, 6))
     e = d * 1.5
-    r = metrics.difference_interval(d, e)
+    r = stat_tests.difference_interval(d, e)
     assert r['difference'] == pytest.approx(0.5 * np.triu(d, 1).sum() / 6) and r['ci'][0] < r['difference'] < r['ci'][1]
